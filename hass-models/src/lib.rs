@@ -1,0 +1,17 @@
+//! Burn modules for hass, generic over `B: Backend`: the LLaMA-family target, its KV
+//! cache and weight loading (HF safetensors and GGUF).
+
+pub mod backend;
+pub mod gguf;
+pub mod hf;
+pub mod kv_cache;
+pub mod llama;
+pub mod safetensors_dir;
+pub mod weights;
+
+pub use backend::{default_device, DefaultBackend};
+pub use hf::load_hf_model;
+pub use kv_cache::KvCache;
+pub use llama::{ForwardOutput, Llama, LogitRows};
+pub use safetensors_dir::SafetensorsDir;
+pub use weights::WeightSource;
