@@ -85,7 +85,7 @@ def write_types(out: Path) -> None:
     w.add_array("test.array_f32", [0.5, -1.5])
     w.add_array("test.array_bool", [True, False, True])
     w.add_array("test.array_nested", [[1, 2], [3]])
-    w.add_uint32("general.alignment", 64)  # non-default alignment, exercised by the reader
+    w.add_custom_alignment(64)  # non-default alignment (sets general.alignment and pads to it)
 
     ref: dict[str, np.ndarray] = {}
 

@@ -6,6 +6,7 @@ pub mod config;
 pub mod error;
 pub mod sampling;
 pub mod tokenizer;
+pub mod tokenizer_builders;
 
 pub use chat::{ChatMessage, ChatTemplate};
 pub use config::{ModelConfig, RopeScaling};

@@ -1,11 +1,14 @@
 //! Burn modules for hass, generic over `B: Backend`: the LLaMA-family target, its KV
 //! cache and weight loading (HF safetensors and GGUF).
 
+pub mod assets;
 pub mod backend;
 pub mod gguf;
+pub mod gguf_tokenizer;
 pub mod hf;
 pub mod kv_cache;
 pub mod llama;
+pub mod load;
 pub mod safetensors_dir;
 pub mod weights;
 
@@ -13,5 +16,6 @@ pub use backend::{default_device, DefaultBackend};
 pub use hf::load_hf_model;
 pub use kv_cache::KvCache;
 pub use llama::{ForwardOutput, Llama, LogitRows};
+pub use load::{load_model, LoadedModel};
 pub use safetensors_dir::SafetensorsDir;
 pub use weights::WeightSource;

@@ -335,6 +335,11 @@ impl<B: Backend> Llama<B> {
                 c.vocab_size
             )));
         }
+        if let LogitRows::Rows(r) = &rows {
+            if let Some(&bad) = r.iter().find(|&&i| i >= t) {
+                return Err(HassError::InvalidArgument(format!("logit row {bad} of {t}")));
+            }
+        }
         cache.check_room(t)?;
         let (nh, nkv, hd, rep) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.kv_groups());
         let dev = &self.device;
@@ -400,9 +405,6 @@ impl<B: Backend> Llama<B> {
             LogitRows::All => Some(self.logits(features.clone())),
             LogitRows::Last => Some(self.logits(features.clone().slice([t - 1..t]))),
             LogitRows::Rows(r) => {
-                if let Some(&bad) = r.iter().find(|&&i| i >= t) {
-                    return Err(HassError::InvalidArgument(format!("logit row {bad} of {t}")));
-                }
                 let idx = Tensor::<B, 1, Int>::from_data(
                     TensorData::new(r.iter().map(|&i| i as i32).collect::<Vec<_>>(), [r.len()]),
                     dev,

@@ -272,14 +272,134 @@ pub enum GgufValue {
     F32(f32),
     Bool(bool),
     String(String),
-    /// An array; `elem_type` is kept so that empty arrays still have a type.
-    Array {
-        elem_type: GgufValueType,
-        values: Vec<GgufValue>,
-    },
+    Array(GgufArray),
     U64(u64),
     I64(i64),
     F64(f64),
+}
+
+/// A metadata array, stored by element type (so a 150k-entry `tokenizer.ggml.scores`
+/// is one `Vec<f32>`, and memory stays within a small multiple of the file size even
+/// for a corrupt count).
+#[derive(Debug, Clone, PartialEq)]
+pub enum GgufArray {
+    U8(Vec<u8>),
+    I8(Vec<i8>),
+    U16(Vec<u16>),
+    I16(Vec<i16>),
+    U32(Vec<u32>),
+    I32(Vec<i32>),
+    F32(Vec<f32>),
+    Bool(Vec<bool>),
+    String(Vec<String>),
+    /// Nested arrays (each may have its own element type).
+    Array(Vec<GgufArray>),
+    U64(Vec<u64>),
+    I64(Vec<i64>),
+    F64(Vec<f64>),
+}
+
+impl GgufArray {
+    /// The element type.
+    pub fn elem_type(&self) -> GgufValueType {
+        match self {
+            GgufArray::U8(_) => GgufValueType::U8,
+            GgufArray::I8(_) => GgufValueType::I8,
+            GgufArray::U16(_) => GgufValueType::U16,
+            GgufArray::I16(_) => GgufValueType::I16,
+            GgufArray::U32(_) => GgufValueType::U32,
+            GgufArray::I32(_) => GgufValueType::I32,
+            GgufArray::F32(_) => GgufValueType::F32,
+            GgufArray::Bool(_) => GgufValueType::Bool,
+            GgufArray::String(_) => GgufValueType::String,
+            GgufArray::Array(_) => GgufValueType::Array,
+            GgufArray::U64(_) => GgufValueType::U64,
+            GgufArray::I64(_) => GgufValueType::I64,
+            GgufArray::F64(_) => GgufValueType::F64,
+        }
+    }
+
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        match self {
+            GgufArray::U8(v) => v.len(),
+            GgufArray::I8(v) => v.len(),
+            GgufArray::U16(v) => v.len(),
+            GgufArray::I16(v) => v.len(),
+            GgufArray::U32(v) => v.len(),
+            GgufArray::I32(v) => v.len(),
+            GgufArray::F32(v) => v.len(),
+            GgufArray::Bool(v) => v.len(),
+            GgufArray::String(v) => v.len(),
+            GgufArray::Array(v) => v.len(),
+            GgufArray::U64(v) => v.len(),
+            GgufArray::I64(v) => v.len(),
+            GgufArray::F64(v) => v.len(),
+        }
+    }
+
+    /// Whether the array has no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Element `i` as a (cloned) [`GgufValue`].
+    pub fn get(&self, i: usize) -> Option<GgufValue> {
+        Some(match self {
+            GgufArray::U8(v) => GgufValue::U8(*v.get(i)?),
+            GgufArray::I8(v) => GgufValue::I8(*v.get(i)?),
+            GgufArray::U16(v) => GgufValue::U16(*v.get(i)?),
+            GgufArray::I16(v) => GgufValue::I16(*v.get(i)?),
+            GgufArray::U32(v) => GgufValue::U32(*v.get(i)?),
+            GgufArray::I32(v) => GgufValue::I32(*v.get(i)?),
+            GgufArray::F32(v) => GgufValue::F32(*v.get(i)?),
+            GgufArray::Bool(v) => GgufValue::Bool(*v.get(i)?),
+            GgufArray::String(v) => GgufValue::String(v.get(i)?.clone()),
+            GgufArray::Array(v) => GgufValue::Array(v.get(i)?.clone()),
+            GgufArray::U64(v) => GgufValue::U64(*v.get(i)?),
+            GgufArray::I64(v) => GgufValue::I64(*v.get(i)?),
+            GgufArray::F64(v) => GgufValue::F64(*v.get(i)?),
+        })
+    }
+
+    /// All elements as (cloned) [`GgufValue`]s.
+    pub fn to_values(&self) -> Vec<GgufValue> {
+        (0..self.len()).filter_map(|i| self.get(i)).collect()
+    }
+
+    /// Integer elements (any integer element type) as `i128`; `None` otherwise.
+    pub fn to_integers(&self) -> Option<Vec<i128>> {
+        fn conv<T: Copy + Into<i128>>(v: &[T]) -> Vec<i128> {
+            v.iter().map(|&x| x.into()).collect()
+        }
+        Some(match self {
+            GgufArray::U8(v) => conv(v),
+            GgufArray::I8(v) => conv(v),
+            GgufArray::U16(v) => conv(v),
+            GgufArray::I16(v) => conv(v),
+            GgufArray::U32(v) => conv(v),
+            GgufArray::I32(v) => conv(v),
+            GgufArray::U64(v) => conv(v),
+            GgufArray::I64(v) => conv(v),
+            _ => return None,
+        })
+    }
+
+    /// The strings, if this is an array of strings.
+    pub fn as_strings(&self) -> Option<&[String]> {
+        match self {
+            GgufArray::String(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    /// The values, if this is an array of f32.
+    pub fn as_f32s(&self) -> Option<&[f32]> {
+        match self {
+            GgufArray::F32(v) => Some(v),
+            _ => None,
+        }
+    }
 }
 
 impl GgufValue {
@@ -295,7 +415,7 @@ impl GgufValue {
             GgufValue::F32(_) => GgufValueType::F32,
             GgufValue::Bool(_) => GgufValueType::Bool,
             GgufValue::String(_) => GgufValueType::String,
-            GgufValue::Array { .. } => GgufValueType::Array,
+            GgufValue::Array(_) => GgufValueType::Array,
             GgufValue::U64(_) => GgufValueType::U64,
             GgufValue::I64(_) => GgufValueType::I64,
             GgufValue::F64(_) => GgufValueType::F64,
@@ -334,10 +454,10 @@ impl GgufValue {
         }
     }
 
-    /// The elements, if this is an array.
-    pub fn as_array(&self) -> Option<&[GgufValue]> {
+    /// The array, if this is one.
+    pub fn as_array(&self) -> Option<&GgufArray> {
         match self {
-            GgufValue::Array { values, .. } => Some(values),
+            GgufValue::Array(a) => Some(a),
             _ => None,
         }
     }
@@ -577,18 +697,21 @@ impl GgufFile {
         Ok(self.get_f64(key)? as f32)
     }
 
-    /// An array value's elements.
-    pub fn get_array(&self, key: &str) -> Result<&[GgufValue]> {
+    /// An array value.
+    pub fn get_array(&self, key: &str) -> Result<&GgufArray> {
         let v = self.require(key)?;
         v.as_array().ok_or_else(|| self.wrong_type(key, "an array", v))
     }
 
-    /// An array of strings.
-    pub fn get_str_array(&self, key: &str) -> Result<Vec<&str>> {
-        self.get_array(key)?
-            .iter()
-            .map(|v| v.as_str().ok_or_else(|| self.wrong_type(key, "an array of strings", v)))
-            .collect()
+    /// An array of strings (e.g. `tokenizer.ggml.tokens`).
+    pub fn get_str_array(&self, key: &str) -> Result<&[String]> {
+        let a = self.get_array(key)?;
+        a.as_strings().ok_or_else(|| {
+            HassError::malformed(
+                &self.name,
+                format!("metadata key `{key}` should be an array of strings, found an array of {:?}", a.elem_type()),
+            )
+        })
     }
 
     /// All tensor infos, in file order.

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashSet};
 
 use hass_core::{HassError, Result};
 
-use super::{GgmlType, GgufTensorInfo, GgufValue, GgufValueType, GGUF_DEFAULT_ALIGNMENT};
+use super::{GgmlType, GgufArray, GgufTensorInfo, GgufValue, GgufValueType, GGUF_DEFAULT_ALIGNMENT};
 
 /// ggml's `GGML_MAX_DIMS`.
 const MAX_DIMS: u32 = 4;
@@ -114,29 +114,82 @@ impl<'a> Cursor<'a> {
                 }
             }
             T::String => GgufValue::String(self.string(what)?),
+            T::Array => GgufValue::Array(self.array_value(depth, what)?),
+        })
+    }
+
+    /// An array (after its value-type tag): element type, count, elements.
+    fn array_value(&mut self, depth: usize, what: &dyn Fn() -> String) -> Result<GgufArray> {
+        if depth >= MAX_ARRAY_DEPTH {
+            return Err(self.err(format!("{}: arrays nested deeper than {MAX_ARRAY_DEPTH} levels", what())));
+        }
+        let elem_type = self.value_type(&|| format!("element of {}", what()))?;
+        let len = self.u64(&|| format!("length of {}", what()))?;
+        let min = min_encoded_size(elem_type) as u64;
+        if len.saturating_mul(min) > self.remaining() as u64 {
+            return Err(self.err(format!(
+                "{} claims {len} elements of type {elem_type:?} (at least {min} bytes each) at offset {}, \
+                 but only {} bytes are left",
+                what(),
+                self.pos - 8,
+                self.remaining()
+            )));
+        }
+        // len * min <= remaining: the allocations below are bounded by the file size
+        let n = len as usize;
+        macro_rules! numeric {
+            ($variant:ident, $t:ty) => {{
+                const W: usize = std::mem::size_of::<$t>();
+                let bytes = self.take((n * W) as u64, what)?;
+                GgufArray::$variant(
+                    bytes.chunks_exact(W).map(|b| <$t>::from_le_bytes(b.try_into().unwrap())).collect(),
+                )
+            }};
+        }
+        use GgufValueType as T;
+        Ok(match elem_type {
+            T::U8 => numeric!(U8, u8),
+            T::I8 => numeric!(I8, i8),
+            T::U16 => numeric!(U16, u16),
+            T::I16 => numeric!(I16, i16),
+            T::U32 => numeric!(U32, u32),
+            T::I32 => numeric!(I32, i32),
+            T::F32 => numeric!(F32, f32),
+            T::U64 => numeric!(U64, u64),
+            T::I64 => numeric!(I64, i64),
+            T::F64 => numeric!(F64, f64),
+            T::Bool => {
+                let at = self.pos;
+                let bytes = self.take(n as u64, what)?;
+                let mut v = Vec::with_capacity(n);
+                for (i, &b) in bytes.iter().enumerate() {
+                    match b {
+                        0 => v.push(false),
+                        1 => v.push(true),
+                        _ => {
+                            return Err(self.err(format!(
+                                "{}[{i}] at offset {}: invalid bool byte {b}",
+                                what(),
+                                at + i
+                            )))
+                        }
+                    }
+                }
+                GgufArray::Bool(v)
+            }
+            T::String => {
+                let mut v = Vec::with_capacity(n);
+                for i in 0..n {
+                    v.push(self.string(&|| format!("{}[{i}]", what()))?);
+                }
+                GgufArray::String(v)
+            }
             T::Array => {
-                if depth >= MAX_ARRAY_DEPTH {
-                    return Err(self.err(format!(
-                        "{}: arrays nested deeper than {MAX_ARRAY_DEPTH} levels",
-                        what()
-                    )));
+                let mut v = Vec::with_capacity(n);
+                for i in 0..n {
+                    v.push(self.array_value(depth + 1, &|| format!("{}[{i}]", what()))?);
                 }
-                let elem_type = self.value_type(&|| format!("element of {}", what()))?;
-                let len = self.u64(&|| format!("length of {}", what()))?;
-                let min = min_encoded_size(elem_type) as u64;
-                if len.saturating_mul(min) > self.remaining() as u64 {
-                    return Err(self.err(format!(
-                        "{} claims {len} elements of type {elem_type:?} (at least {min} bytes each) at offset {}, but only {} bytes are left",
-                        what(),
-                        self.pos - 8,
-                        self.remaining()
-                    )));
-                }
-                let mut values = Vec::with_capacity(len as usize);
-                for i in 0..len {
-                    values.push(self.value(elem_type, depth + 1, &|| format!("{}[{i}]", what()))?);
-                }
-                GgufValue::Array { elem_type, values }
+                GgufArray::Array(v)
             }
         })
     }

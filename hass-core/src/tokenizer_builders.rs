@@ -1,0 +1,1 @@
+//! Tokenizers built from vocabulary lists (being written).
