@@ -15,7 +15,7 @@ pub mod weights;
 pub use backend::{default_device, DefaultBackend};
 pub use hf::load_hf_model;
 pub use kv_cache::KvCache;
-pub use llama::{ForwardOutput, Llama, LogitRows};
+pub use llama::{ForwardOutput, Llama, LogitRows, WeightDtype};
 pub use load::{load_model, LoadedModel};
 pub use safetensors_dir::SafetensorsDir;
 pub use weights::WeightSource;

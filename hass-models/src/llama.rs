@@ -11,12 +11,40 @@
 //! HF `[vocab, hidden]` layout for the embedding/LM head (used as `h · Eᵀ`).
 
 use burn::prelude::*;
+use burn::tensor::DType;
 use burn::tensor::activation::{silu, softmax};
 use hass_core::config::ModelConfig;
 use hass_core::{HassError, Result};
 
 use crate::kv_cache::KvCache;
 use crate::weights::WeightSource;
+
+/// Storage dtype of the weight matrices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WeightDtype {
+    #[default]
+    F32,
+    F16,
+}
+
+impl WeightDtype {
+    fn dtype(self) -> DType {
+        match self {
+            WeightDtype::F32 => DType::F32,
+            WeightDtype::F16 => DType::F16,
+        }
+    }
+}
+
+/// `x · w` in f32, whatever dtype `w` is stored in.
+fn mm<B: Backend>(x: Tensor<B, 2>, w: &Tensor<B, 2>) -> Tensor<B, 2> {
+    let dt = w.dtype();
+    if x.dtype() == dt {
+        x.matmul(w.clone())
+    } else {
+        x.cast(dt).matmul(w.clone()).cast(DType::F32)
+    }
+}
 
 /// Which rows of a forward need logits.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,6 +104,8 @@ fn is_ignorable(name: &str) -> bool {
 
 struct Loader<'a> {
     source: &'a dyn WeightSource,
+    /// Storage dtype of the projection matrices.
+    dtype: DType,
 }
 
 impl Loader<'_> {
@@ -126,7 +156,7 @@ impl Loader<'_> {
             }
             col0 += d_out;
         }
-        Ok(Tensor::from_data(TensorData::new(out, [d_in, total]), dev))
+        Ok(Tensor::from_data(TensorData::new(out, [d_in, total]), (dev, self.dtype)))
     }
 
     fn fused_bias<B: Backend>(&self, names: &[(&str, usize)], dev: &B::Device) -> Result<Tensor<B, 1>> {
@@ -156,6 +186,17 @@ impl<B: Backend> Llama<B> {
     /// Builds the model from `source`, checking every tensor's presence and shape and
     /// rejecting tensors the model would silently ignore.
     pub fn load(source: &dyn WeightSource, config: ModelConfig, device: &B::Device) -> Result<Self> {
+        Self::load_with_dtype(source, config, device, WeightDtype::F32)
+    }
+
+    /// Like [`Llama::load`], keeping the matrices in `dtype`. Norms, activations and
+    /// accumulation stay f32; f16 halves the bytes a decode step reads.
+    pub fn load_with_dtype(
+        source: &dyn WeightSource,
+        config: ModelConfig,
+        device: &B::Device,
+        dtype: WeightDtype,
+    ) -> Result<Self> {
         config.validate(&source.describe())?;
         let c = &config;
         let (h, hd, nh, nkv, inter, v) = (
@@ -166,10 +207,10 @@ impl<B: Backend> Llama<B> {
             c.intermediate_size,
             c.vocab_size,
         );
-        let ld = Loader { source };
+        let ld = Loader { source, dtype: dtype.dtype() };
         let mut expected: Vec<String> = vec!["model.embed_tokens.weight".into(), "model.norm.weight".into()];
         let embed_data = ld.read("model.embed_tokens.weight", &[v, h])?;
-        let embed = Tensor::<B, 2>::from_data(TensorData::new(embed_data, [v, h]), device);
+        let embed = Tensor::<B, 2>::from_data(TensorData::new(embed_data, [v, h]), (device, ld.dtype));
         let has_head = source.shape("lm_head.weight").is_some();
         let lm_head = if c.tie_word_embeddings || !has_head {
             if !c.tie_word_embeddings {
@@ -184,7 +225,7 @@ impl<B: Backend> Llama<B> {
             embed.clone()
         } else {
             expected.push("lm_head.weight".into());
-            Tensor::from_data(TensorData::new(ld.read("lm_head.weight", &[v, h])?, [v, h]), device)
+            Tensor::from_data(TensorData::new(ld.read("lm_head.weight", &[v, h])?, [v, h]), (device, ld.dtype))
         };
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for l in 0..c.num_hidden_layers {
@@ -281,7 +322,7 @@ impl<B: Backend> Llama<B> {
             + 3 * c.hidden_size * c.intermediate_size
             + 2 * c.hidden_size;
         let params = c.num_hidden_layers * per_layer + c.vocab_size * c.hidden_size + c.hidden_size;
-        params * 4
+        params * self.embed.dtype().size()
     }
 
     /// Allocates a KV cache for this model with room for `capacity` positions.
@@ -292,7 +333,7 @@ impl<B: Backend> Llama<B> {
 
     /// Logits `[rows, vocab]` of features `[rows, hidden]`.
     pub fn logits(&self, features: Tensor<B, 2>) -> Tensor<B, 2> {
-        features.matmul(self.lm_head.clone().transpose())
+        mm(features, &self.lm_head.clone().transpose())
     }
 
     /// One forward over `tokens` at `positions`, on top of the `cache.len()` committed
@@ -350,7 +391,7 @@ impl<B: Backend> Llama<B> {
             TensorData::new(tokens.iter().map(|&x| x as i32).collect::<Vec<_>>(), [t]),
             dev,
         );
-        let mut x = self.embed.clone().select(0, ids);
+        let mut x = self.embed.clone().select(0, ids).cast(DType::F32);
 
         let (cos, sin) = c.rope_cos_sin(positions);
         let table = |v: Vec<f32>, heads: usize| {
@@ -363,7 +404,7 @@ impl<B: Backend> Llama<B> {
 
         for (l, layer) in self.layers.iter().enumerate() {
             let h = rms_norm(x.clone(), &layer.attn_norm, c.rms_norm_eps);
-            let mut qkv = h.matmul(layer.wqkv.clone());
+            let mut qkv = mm(h, &layer.wqkv);
             if let Some(b) = &layer.bqkv {
                 qkv = qkv + b.clone().unsqueeze::<2>();
             }
@@ -388,13 +429,13 @@ impl<B: Backend> Llama<B> {
                 .reshape([1, nh, t, hd])
                 .swap_dims(1, 2)
                 .reshape([t, nh * hd]);
-            x = x + attn.matmul(layer.wo.clone());
+            x = x + mm(attn, &layer.wo);
             let h = rms_norm(x.clone(), &layer.mlp_norm, c.rms_norm_eps);
-            let gu = h.matmul(layer.w_gate_up.clone());
+            let gu = mm(h, &layer.w_gate_up);
             let inter = c.intermediate_size;
             let gate = gu.clone().slice([0..t, 0..inter]);
             let up = gu.slice([0..t, inter..2 * inter]);
-            x = x + (silu(gate) * up).matmul(layer.w_down.clone());
+            x = x + mm(silu(gate) * up, &layer.w_down);
         }
         cache.advance(t);
         debug_assert_eq!(cache.len(), total);

@@ -151,7 +151,7 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
             let factor = m
                 .opt_f64(&m.key("rope.scaling.factor"))?
                 .ok_or_else(|| m.err("linear rope scaling without rope.scaling.factor"))?;
-            if !(factor > 0.0) {
+            if factor.is_nan() || factor <= 0.0 {
                 return Err(m.err(format!("rope.scaling.factor {factor} must be positive")));
             }
             Some(RopeScaling::Linear { factor })

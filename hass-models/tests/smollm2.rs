@@ -1,0 +1,119 @@
+//! SmolLM2-135M-Instruct (Q4_1 GGUF, the embedded default model) against HF
+//! `transformers` loading the same GGUF in float32 (`scripts/make_smollm2_reference.py`,
+//! committed top-20 logits per position for 3 prompts). The GGUF is fetched on first use.
+
+mod common;
+
+use common::*;
+use hass_models::assets::{ensure, Asset};
+use hass_models::gguf::GgufWeights;
+use hass_models::{load_model, Llama, LogitRows, WeightDtype};
+use serde_json::Value;
+
+struct Case {
+    text: String,
+    ids: Vec<u32>,
+    top_ids: Vec<Vec<u32>>,
+    top_logits: Vec<Vec<f32>>,
+    greedy: Vec<u32>,
+}
+
+fn cases() -> Vec<Case> {
+    let path = fixture_dir("../smollm2").join("reference.json");
+    let json: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let ids = |v: &Value| v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect::<Vec<_>>();
+    let floats = |v: &Value| v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect::<Vec<_>>();
+    json["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| Case {
+            text: c["text"].as_str().unwrap().to_string(),
+            ids: ids(&c["ids"]),
+            top_ids: c["top_ids"].as_array().unwrap().iter().map(ids).collect(),
+            top_logits: c["top_logits"].as_array().unwrap().iter().map(floats).collect(),
+            greedy: ids(&c["greedy"]),
+        })
+        .collect()
+}
+
+fn model(dtype: WeightDtype) -> Llama<B> {
+    let w = GgufWeights::open(ensure(Asset::SmolLm2).unwrap()).unwrap();
+    Llama::load_with_dtype(&w, w.config().clone(), &Default::default(), dtype).unwrap()
+}
+
+fn all_logits(m: &Llama<B>, ids: &[u32]) -> Vec<f32> {
+    let pos: Vec<usize> = (0..ids.len()).collect();
+    to_vec(m.forward(ids, &pos, &mut m.new_cache(ids.len()), None, LogitRows::All).unwrap().logits.unwrap())
+}
+
+fn greedy(m: &Llama<B>, ids: &[u32], n: usize) -> Vec<u32> {
+    let mut cache = m.new_cache(ids.len() + n);
+    let pos: Vec<usize> = (0..ids.len()).collect();
+    let mut out = Vec::new();
+    let mut logits = m.forward(ids, &pos, &mut cache, None, LogitRows::Last).unwrap().logits.unwrap();
+    for _ in 0..n {
+        let t = hass_core::sampling::argmax(&to_vec(logits));
+        out.push(t);
+        let p = cache.len();
+        logits = m.forward(&[t], &[p], &mut cache, None, LogitRows::Last).unwrap().logits.unwrap();
+    }
+    out
+}
+
+/// Max abs error over the reference's top-20 logits of every position.
+fn top20_error(m: &Llama<B>, c: &Case) -> f32 {
+    let v = m.config().vocab_size;
+    let got = all_logits(m, &c.ids);
+    let mut err = 0f32;
+    for (p, (ids, vals)) in c.top_ids.iter().zip(&c.top_logits).enumerate() {
+        for (&id, &want) in ids.iter().zip(vals) {
+            err = err.max((got[p * v + id as usize] - want).abs());
+        }
+    }
+    err
+}
+
+#[test]
+fn config_matches_the_published_architecture() {
+    let w = GgufWeights::open(ensure(Asset::SmolLm2).unwrap()).unwrap();
+    let c = w.config();
+    assert_eq!(
+        (c.num_hidden_layers, c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads),
+        (30, 576, 1536, 9, 3)
+    );
+    assert_eq!((c.vocab_size, c.rope_theta, c.tie_word_embeddings), (49152, 100000.0, true));
+}
+
+#[test]
+fn f32_logits_match_transformers_within_1e_3() {
+    let m = model(WeightDtype::F32);
+    for c in cases() {
+        let err = top20_error(&m, &c);
+        println!("{:?}: top-20 max abs error {err:e}", c.text);
+        assert!(err <= 1e-3, "{:?}: {err:e}", c.text);
+        assert_eq!(greedy(&m, &c.ids, c.greedy.len()), c.greedy, "{:?}", c.text);
+    }
+}
+
+#[test]
+fn f16_weights_keep_the_greedy_tokens() {
+    let m = model(WeightDtype::F16);
+    for c in cases() {
+        let err = top20_error(&m, &c);
+        println!("{:?}: f16 top-20 max abs error {err:e}", c.text);
+        assert!(err <= 0.1, "{:?}: {err:e}", c.text);
+        assert_eq!(greedy(&m, &c.ids, c.greedy.len()), c.greedy, "{:?}", c.text);
+    }
+}
+
+#[test]
+fn capital_of_france_is_paris_through_the_gguf_tokenizer() {
+    let loaded = load_model::<B>(ensure(Asset::SmolLm2).unwrap(), &Default::default()).unwrap();
+    for c in cases() {
+        assert_eq!(loaded.tokenizer.encode(&c.text, false).unwrap(), c.ids, "{:?}", c.text);
+    }
+    let ids = loaded.tokenizer.encode("The capital of France is", false).unwrap();
+    let next = greedy(&loaded.model, &ids, 1);
+    assert_eq!(loaded.tokenizer.decode(&next, true).unwrap(), " Paris");
+}
