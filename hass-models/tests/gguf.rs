@@ -13,7 +13,9 @@ use hass_models::WeightSource;
 use safetensors::SafeTensors;
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/gguf").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/gguf")
+        .join(name)
 }
 
 /// All tensors of a reference safetensors file as (name, shape, f32 values).
@@ -59,7 +61,9 @@ fn every_dtype_matches_python_reference() {
     let refs = reference("types.ref.safetensors");
     let mut seen = HashSet::new();
     for (name, shape, want) in &refs {
-        let info = f.tensor_info(name).unwrap_or_else(|| panic!("{name} missing"));
+        let info = f
+            .tensor_info(name)
+            .unwrap_or_else(|| panic!("{name} missing"));
         assert_eq!(&info.shape_hf(), shape, "{name}");
         assert_eq!(info.n_elements(), want.len(), "{name}");
         let got = f.dequantize(name).unwrap();
@@ -67,14 +71,27 @@ fn every_dtype_matches_python_reference() {
         for (g, w) in got.iter().zip(want) {
             max_err = max_err.max((g - w).abs() / w.abs().max(1.0));
         }
-        assert!(max_err <= 1e-6, "{name} ({}): max rel err {max_err}", info.ggml_type);
+        assert!(
+            max_err <= 1e-6,
+            "{name} ({}): max rel err {max_err}",
+            info.ggml_type
+        );
         // ggml's reference order of operations is followed exactly: bit-identical
-        let exact = got.iter().zip(want).all(|(g, w)| g.to_bits() == w.to_bits());
-        assert!(exact, "{name} ({}) is not bit-identical to gguf-py", info.ggml_type);
+        let exact = got
+            .iter()
+            .zip(want)
+            .all(|(g, w)| g.to_bits() == w.to_bits());
+        assert!(
+            exact,
+            "{name} ({}) is not bit-identical to gguf-py",
+            info.ggml_type
+        );
         seen.insert(info.ggml_type);
     }
     use GgmlType::*;
-    for t in [F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K] {
+    for t in [
+        F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K,
+    ] {
         assert!(seen.contains(&t), "no fixture tensor of type {t}");
         assert!(t.can_dequantize());
     }
@@ -94,7 +111,10 @@ fn f16_corner_cases_are_exact() {
     assert_eq!(v[3], 65504.0);
     let h = f.dequantize_to_f16("t.f16").unwrap();
     assert_eq!(h.len(), v.len());
-    assert!(h.iter().zip(&v).all(|(h, v)| h.to_f32().to_bits() == v.to_bits()));
+    assert!(h
+        .iter()
+        .zip(&v)
+        .all(|(h, v)| h.to_f32().to_bits() == v.to_bits()));
 }
 
 #[test]
@@ -110,7 +130,9 @@ fn unsupported_and_missing_tensors_are_typed_errors() {
         }
         other => panic!("expected UnsupportedDType, got {other:?}"),
     }
-    assert!(matches!(f.dequantize("nope"), Err(HassError::MissingTensor { name, .. }) if name == "nope"));
+    assert!(
+        matches!(f.dequantize("nope"), Err(HassError::MissingTensor { name, .. }) if name == "nope")
+    );
 }
 
 #[test]
@@ -173,16 +195,32 @@ fn metadata_of_every_type() {
     assert_eq!((a.len(), a.elem_type()), (4, GgufValueType::U32));
     assert_eq!(a.get(3), Some(GgufValue::U32(4_000_000_000)));
     assert_eq!(a.get(4), None);
-    assert_eq!(f.get_array("test.array_i32").unwrap(), &GgufArray::I32(vec![-1, 0, 7]));
-    assert_eq!(f.get_str_array("test.array_str").unwrap(), &["a", "bc", "", "déf"]);
-    assert_eq!(f.get_array("test.array_f32").unwrap().as_f32s().unwrap(), &[0.5, -1.5]);
+    assert_eq!(
+        f.get_array("test.array_i32").unwrap(),
+        &GgufArray::I32(vec![-1, 0, 7])
+    );
+    assert_eq!(
+        f.get_str_array("test.array_str").unwrap(),
+        &["a", "bc", "", "déf"]
+    );
+    assert_eq!(
+        f.get_array("test.array_f32").unwrap().as_f32s().unwrap(),
+        &[0.5, -1.5]
+    );
     assert_eq!(
         f.get_array("test.array_bool").unwrap().to_values(),
-        vec![GgufValue::Bool(true), GgufValue::Bool(false), GgufValue::Bool(true)]
+        vec![
+            GgufValue::Bool(true),
+            GgufValue::Bool(false),
+            GgufValue::Bool(true)
+        ]
     );
     assert_eq!(
         m["test.array_nested"],
-        GgufValue::Array(GgufArray::Array(vec![GgufArray::I32(vec![1, 2]), GgufArray::I32(vec![3])]))
+        GgufValue::Array(GgufArray::Array(vec![
+            GgufArray::I32(vec![1, 2]),
+            GgufArray::I32(vec![3])
+        ]))
     );
     assert_eq!(m["test.array_nested"].value_type(), GgufValueType::Array);
 
@@ -219,7 +257,12 @@ fn version_2_files_parse() {
 fn check_truncations(name: &str, step: usize) {
     let bytes = std::fs::read(fixture(name)).unwrap();
     let full = GgufFile::from_bytes(bytes.clone(), name).unwrap();
-    let data_end = full.tensors().iter().map(|t| t.file_offset() + t.n_bytes()).max().unwrap();
+    let data_end = full
+        .tensors()
+        .iter()
+        .map(|t| t.file_offset() + t.n_bytes())
+        .max()
+        .unwrap();
     let mut cuts: Vec<usize> = (0..bytes.len()).step_by(step).collect();
     // every byte of the header region, and the bytes around the data end
     cuts.extend(0..full.data_offset().min(bytes.len()));
@@ -260,8 +303,14 @@ fn truncated_file_on_disk() {
     assert!(e.contains("cut.gguf"), "{e}");
     let p0 = dir.join("empty.gguf");
     std::fs::write(&p0, b"").unwrap();
-    assert!(matches!(GgufFile::open(&p0), Err(HassError::MalformedFile { .. })));
-    assert!(matches!(GgufFile::open(dir.join("absent.gguf")), Err(HassError::Io { .. })));
+    assert!(matches!(
+        GgufFile::open(&p0),
+        Err(HassError::MalformedFile { .. })
+    ));
+    assert!(matches!(
+        GgufFile::open(dir.join("absent.gguf")),
+        Err(HassError::Io { .. })
+    ));
     std::fs::remove_dir_all(&dir).ok();
 }
 
@@ -285,7 +334,10 @@ fn gguf_str(out: &mut Vec<u8>, s: &[u8]) {
 
 impl Builder {
     fn new() -> Self {
-        Builder { version: 3, ..Default::default() }
+        Builder {
+            version: 3,
+            ..Default::default()
+        }
     }
     fn kv_raw(mut self, key: &str, ty: u32, value: &[u8]) -> Self {
         gguf_str(&mut self.kvs, key.as_bytes());
@@ -307,7 +359,8 @@ impl Builder {
     }
     fn tensor(mut self, name: &str, dims: &[u64], ty: u32, offset: u64) -> Self {
         gguf_str(&mut self.infos, name.as_bytes());
-        self.infos.extend_from_slice(&(dims.len() as u32).to_le_bytes());
+        self.infos
+            .extend_from_slice(&(dims.len() as u32).to_le_bytes());
         for d in dims {
             self.infos.extend_from_slice(&d.to_le_bytes());
         }
@@ -323,7 +376,12 @@ impl Builder {
     fn bytes(&self, alignment: usize) -> Vec<u8> {
         let mut out = b"GGUF".to_vec();
         out.extend_from_slice(&self.version.to_le_bytes());
-        out.extend_from_slice(&self.n_tensors_override.unwrap_or(self.n_tensors).to_le_bytes());
+        out.extend_from_slice(
+            &self
+                .n_tensors_override
+                .unwrap_or(self.n_tensors)
+                .to_le_bytes(),
+        );
         out.extend_from_slice(&self.n_kv_override.unwrap_or(self.n_kv).to_le_bytes());
         out.extend_from_slice(&self.kvs);
         out.extend_from_slice(&self.infos);
@@ -347,7 +405,10 @@ fn builder_produces_a_valid_file() {
         .data(&data)
         .parse()
         .unwrap();
-    assert_eq!(f.dequantize("a").unwrap(), (0..8).map(|i| i as f32).collect::<Vec<_>>());
+    assert_eq!(
+        f.dequantize("a").unwrap(),
+        (0..8).map(|i| i as f32).collect::<Vec<_>>()
+    );
     assert_eq!(f.tensor_info("a").unwrap().shape_hf(), vec![2, 4]);
 }
 
@@ -413,29 +474,73 @@ fn corrupt_headers_are_errors() {
     let mut bad_utf8 = vec![];
     gguf_str(&mut bad_utf8, &[0xff, 0xfe]);
     assert_malformed(ok().kv_raw("u", 8, &bad_utf8).parse(), "UTF-8");
-    assert_malformed(ok().kv_str("general.architecture", "y").parse(), "duplicate metadata key");
+    assert_malformed(
+        ok().kv_str("general.architecture", "y").parse(),
+        "duplicate metadata key",
+    );
     assert_malformed(ok().kv_u32("general.alignment", 0).parse(), "alignment");
     assert_malformed(ok().kv_u32("general.alignment", 48).parse(), "alignment");
     assert_malformed(ok().kv_str("general.alignment", "32").parse(), "alignment");
 
     // tensor infos
-    assert_malformed(ok().tensor("a", &[8], 0, 64).data(&f32x8).parse(), "beyond the end");
-    assert_malformed(ok().tensor("a", &[8], 0, u64::MAX / 32 * 32).data(&f32x8).parse(), "beyond the end");
-    assert_malformed(ok().tensor("a", &[16], 0, 0).data(&f32x8).parse(), "beyond the end");
-    assert_malformed(ok().tensor("a", &[4], 0, 4).data(&f32x8).parse(), "alignment");
-    assert_malformed(ok().tensor("a", &[1 << 32, 1 << 32, 1 << 32], 0, 0).parse(), "overflows");
+    assert_malformed(
+        ok().tensor("a", &[8], 0, 64).data(&f32x8).parse(),
+        "beyond the end",
+    );
+    assert_malformed(
+        ok().tensor("a", &[8], 0, u64::MAX / 32 * 32)
+            .data(&f32x8)
+            .parse(),
+        "beyond the end",
+    );
+    assert_malformed(
+        ok().tensor("a", &[16], 0, 0).data(&f32x8).parse(),
+        "beyond the end",
+    );
+    assert_malformed(
+        ok().tensor("a", &[4], 0, 4).data(&f32x8).parse(),
+        "alignment",
+    );
+    assert_malformed(
+        ok().tensor("a", &[1 << 32, 1 << 32, 1 << 32], 0, 0).parse(),
+        "overflows",
+    );
     assert_malformed(ok().tensor("a", &[u64::MAX, 2], 0, 0).parse(), "overflows");
-    assert_malformed(ok().tensor("a", &[1, 1, 1, 1, 1], 0, 0).data(&f32x8).parse(), "dimensions");
-    assert_malformed(ok().tensor("a", &[], 0, 0).data(&f32x8).parse(), "dimensions");
-    assert_malformed(ok().tensor("a", &[8], 99, 0).data(&f32x8).parse(), "ggml type");
-    assert_malformed(ok().tensor("a", &[33], 2, 0).data(&[0; 64]).parse(), "block size");
-    assert_malformed(ok().tensor("a", &[4], 0, 0).tensor("a", &[4], 0, 0).data(&f32x8).parse(), "duplicate tensor");
+    assert_malformed(
+        ok().tensor("a", &[1, 1, 1, 1, 1], 0, 0)
+            .data(&f32x8)
+            .parse(),
+        "dimensions",
+    );
+    assert_malformed(
+        ok().tensor("a", &[], 0, 0).data(&f32x8).parse(),
+        "dimensions",
+    );
+    assert_malformed(
+        ok().tensor("a", &[8], 99, 0).data(&f32x8).parse(),
+        "ggml type",
+    );
+    assert_malformed(
+        ok().tensor("a", &[33], 2, 0).data(&[0; 64]).parse(),
+        "block size",
+    );
+    assert_malformed(
+        ok().tensor("a", &[4], 0, 0)
+            .tensor("a", &[4], 0, 0)
+            .data(&f32x8)
+            .parse(),
+        "duplicate tensor",
+    );
     let mut huge_dims = ok().tensor("a", &[8], 0, 0).data(&f32x8);
     // n_dims field of the tensor info: after the name (8 + 1 bytes)
     huge_dims.infos[9..13].copy_from_slice(&u32::MAX.to_le_bytes());
     assert_malformed(huge_dims.parse(), "dimensions");
     // the message names the tensor
-    match ok().tensor("blk.0.attn_q.weight", &[8], 0, 4096).data(&f32x8).parse() {
+    match ok()
+        .tensor("blk.0.attn_q.weight", &[8], 0, 4096)
+        .data(&f32x8)
+        .parse()
+    {
         Err(e) => assert!(e.to_string().contains("blk.0.attn_q.weight"), "{e}"),
         Ok(_) => panic!("parsed"),
     }
@@ -445,7 +550,9 @@ fn corrupt_headers_are_errors() {
 fn random_corruption_never_panics() {
     // flip bytes of the header region of a real fixture (xorshift, deterministic)
     let bytes = std::fs::read(fixture("types.gguf")).unwrap();
-    let header_len = GgufFile::from_bytes(bytes.clone(), "t").unwrap().data_offset();
+    let header_len = GgufFile::from_bytes(bytes.clone(), "t")
+        .unwrap()
+        .data_offset();
     let mut state = 0x9E3779B97F4A7C15u64;
     let mut next = || {
         state ^= state << 13;
@@ -478,7 +585,10 @@ fn tiny_llama_config_and_unpermuted_weights() {
         (c.hidden_size, c.intermediate_size, c.num_hidden_layers),
         (32, 48, 2)
     );
-    assert_eq!((c.num_attention_heads, c.num_key_value_heads, c.head_dim), (4, 2, 8));
+    assert_eq!(
+        (c.num_attention_heads, c.num_key_value_heads, c.head_dim),
+        (4, 2, 8)
+    );
     assert_eq!(c.rms_norm_eps, 1e-5);
     assert_eq!(c.rope_theta, 100000.0);
     assert_eq!(c.rope_scaling, Some(RopeScaling::Linear { factor: 2.0 }));
@@ -513,19 +623,38 @@ fn tiny_llama_config_and_unpermuted_weights() {
         assert_ne!(raw, w.read_f32(name).unwrap(), "{name}");
     }
     assert!(!w.is_permuted("model.layers.0.self_attn.v_proj.weight"));
-    let q = w.read_f32("model.layers.0.self_attn.q_proj.weight").unwrap();
-    let want = &refs.iter().find(|r| r.0 == "model.layers.0.self_attn.q_proj.weight").unwrap().2;
+    let q = w
+        .read_f32("model.layers.0.self_attn.q_proj.weight")
+        .unwrap();
+    let want = &refs
+        .iter()
+        .find(|r| r.0 == "model.layers.0.self_attn.q_proj.weight")
+        .unwrap()
+        .2;
     assert_eq!(&q, want);
 
     // raw bytes come back in HF row order too
-    let raw = w.read_raw("model.layers.0.self_attn.q_proj.weight").unwrap();
+    let raw = w
+        .read_raw("model.layers.0.self_attn.q_proj.weight")
+        .unwrap();
     assert_eq!(raw.ggml_type, GgmlType::F32);
     assert_eq!(raw.shape_hf, vec![32, 32]);
-    let vals: Vec<f32> = raw.bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+    let vals: Vec<f32> = raw
+        .bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect();
     assert_eq!(&vals, want);
     let kb = w.read_raw("model.layers.1.self_attn.k_proj.bias").unwrap();
-    let kb: Vec<f32> = kb.bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
-    assert_eq!(kb, w.read_f32("model.layers.1.self_attn.k_proj.bias").unwrap());
+    let kb: Vec<f32> = kb
+        .bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect();
+    assert_eq!(
+        kb,
+        w.read_f32("model.layers.1.self_attn.k_proj.bias").unwrap()
+    );
     let up = w.read_raw("model.layers.0.mlp.up_proj.weight").unwrap();
     assert_eq!(up.ggml_type, GgmlType::F16);
     assert!(matches!(up.bytes, std::borrow::Cow::Borrowed(_)));
@@ -545,12 +674,18 @@ fn tiny_qwen2_config_and_weights() {
     assert_eq!(c.rms_norm_eps, 1e-6);
     assert_eq!(c.rope_theta, 1e6);
     assert_eq!(c.rope_scaling, None);
-    assert_eq!(c.vocab_size, 40, "embedding rows win over the 36 token strings");
+    assert_eq!(
+        c.vocab_size, 40,
+        "embedding rows win over the 36 token strings"
+    );
     assert!(!c.tie_word_embeddings);
     assert!(c.attention_bias);
     assert_eq!(c.eos_token_ids, vec![2]);
     let refs = reference("tiny_qwen2.ref.safetensors");
-    assert_eq!(w.tensor_names(), refs.iter().map(|r| r.0.clone()).collect::<Vec<_>>());
+    assert_eq!(
+        w.tensor_names(),
+        refs.iter().map(|r| r.0.clone()).collect::<Vec<_>>()
+    );
     assert!(w.tensor_names().contains(&"lm_head.weight".to_string()));
     for (name, shape, want) in &refs {
         assert!(!w.is_permuted(name));
@@ -562,7 +697,13 @@ fn tiny_qwen2_config_and_weights() {
 /// Minimal llama-style metadata, without key `{arch}.{skip}`.
 fn llama_meta_without(arch: &str, skip: &str) -> Builder {
     let mut b = Builder::new().kv_str("general.architecture", arch);
-    for (k, v) in [("embedding_length", 64), ("feed_forward_length", 128), ("block_count", 2), ("attention.head_count", 4), ("context_length", 512)] {
+    for (k, v) in [
+        ("embedding_length", 64),
+        ("feed_forward_length", 128),
+        ("block_count", 2),
+        ("attention.head_count", 4),
+        ("context_length", 512),
+    ] {
         if k != skip {
             b = b.kv_u32(&format!("{arch}.{k}"), v);
         }
@@ -576,13 +717,22 @@ fn llama_meta(arch: &str) -> Builder {
 
 #[test]
 fn config_from_hand_built_metadata() {
-    let f = llama_meta("llama").kv_u32("tokenizer.ggml.eos_token_id", 5).parse().unwrap();
+    let f = llama_meta("llama")
+        .kv_u32("tokenizer.ggml.eos_token_id", 5)
+        .parse()
+        .unwrap();
     let c = config_from_gguf(&f).unwrap_err();
     assert!(c.to_string().contains("vocabulary"), "{c}");
 
-    let f = llama_meta("llama").kv_u32("llama.vocab_size", 99).parse().unwrap();
+    let f = llama_meta("llama")
+        .kv_u32("llama.vocab_size", 99)
+        .parse()
+        .unwrap();
     let c = config_from_gguf(&f).unwrap();
-    assert_eq!((c.num_key_value_heads, c.head_dim, c.vocab_size), (4, 16, 99));
+    assert_eq!(
+        (c.num_key_value_heads, c.head_dim, c.vocab_size),
+        (4, 16, 99)
+    );
     assert_eq!(c.rope_theta, 10000.0);
     assert!(!c.attention_bias);
     assert!(c.tie_word_embeddings);
@@ -600,18 +750,51 @@ fn config_from_hand_built_metadata() {
     cfg_err(llama_meta("gpt2").kv_u32("gpt2.vocab_size", 9), "gpt2");
     cfg_err(Builder::new(), "general.architecture");
     cfg_err(
-        Builder::new().kv_str("general.architecture", "llama").kv_u32("llama.vocab_size", 9),
+        Builder::new()
+            .kv_str("general.architecture", "llama")
+            .kv_u32("llama.vocab_size", 9),
         "llama.embedding_length",
     );
-    cfg_err(llama_meta("llama").kv_u32("llama.vocab_size", 9).kv_str("llama.rope.scaling.type", "yarn"), "yarn");
-    cfg_err(llama_meta("llama").kv_u32("llama.vocab_size", 9).kv_u32("llama.rope.dimension_count", 8), "partial");
-    cfg_err(llama_meta("llama").kv_u32("llama.vocab_size", 9).kv_u32("llama.attention.head_count_kv", 3), "multiple");
-    cfg_err(llama_meta_without("llama", "block_count").kv_u32("llama.vocab_size", 9).kv_str("llama.block_count", "2"), "block_count");
-    cfg_err(llama_meta_without("llama", "context_length").kv_u32("llama.vocab_size", 9), "llama.context_length");
-    cfg_err(llama_meta("llama").kv_u32("llama.vocab_size", 9).kv_u32("llama.expert_count", 8), "experts");
+    cfg_err(
+        llama_meta("llama")
+            .kv_u32("llama.vocab_size", 9)
+            .kv_str("llama.rope.scaling.type", "yarn"),
+        "yarn",
+    );
+    cfg_err(
+        llama_meta("llama")
+            .kv_u32("llama.vocab_size", 9)
+            .kv_u32("llama.rope.dimension_count", 8),
+        "partial",
+    );
+    cfg_err(
+        llama_meta("llama")
+            .kv_u32("llama.vocab_size", 9)
+            .kv_u32("llama.attention.head_count_kv", 3),
+        "multiple",
+    );
+    cfg_err(
+        llama_meta_without("llama", "block_count")
+            .kv_u32("llama.vocab_size", 9)
+            .kv_str("llama.block_count", "2"),
+        "block_count",
+    );
+    cfg_err(
+        llama_meta_without("llama", "context_length").kv_u32("llama.vocab_size", 9),
+        "llama.context_length",
+    );
+    cfg_err(
+        llama_meta("llama")
+            .kv_u32("llama.vocab_size", 9)
+            .kv_u32("llama.expert_count", 8),
+        "experts",
+    );
     // a GgufWeights cannot be built without a config
     let f = llama_meta("bert").parse().unwrap();
-    assert!(matches!(GgufWeights::from_file(f), Err(HassError::Config { .. })));
+    assert!(matches!(
+        GgufWeights::from_file(f),
+        Err(HassError::Config { .. })
+    ));
 }
 
 // ---------------------------------------------------------------- the real asset (when present)
@@ -620,7 +803,8 @@ fn config_from_hand_built_metadata() {
 /// it comes from). Skipped when absent.
 #[test]
 fn smollm2_q4_1_when_present() {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let path =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
     if !path.exists() {
         eprintln!("skipping: {} not present", path.display());
         return;
@@ -631,8 +815,14 @@ fn smollm2_q4_1_when_present() {
     let c = w.config();
     assert_eq!(w.file().version(), 3);
     assert_eq!(c.architecture, Architecture::Llama);
-    assert_eq!((c.num_hidden_layers, c.hidden_size, c.intermediate_size), (30, 576, 1536));
-    assert_eq!((c.num_attention_heads, c.num_key_value_heads, c.head_dim), (9, 3, 64));
+    assert_eq!(
+        (c.num_hidden_layers, c.hidden_size, c.intermediate_size),
+        (30, 576, 1536)
+    );
+    assert_eq!(
+        (c.num_attention_heads, c.num_key_value_heads, c.head_dim),
+        (9, 3, 64)
+    );
     assert_eq!(c.rope_theta, 100000.0);
     assert_eq!(c.vocab_size, 49152);
     assert!(c.tie_word_embeddings);
@@ -647,7 +837,9 @@ fn smollm2_q4_1_when_present() {
         assert_eq!(v.len(), w.shape(name).unwrap().iter().product::<usize>());
         assert!(v.iter().all(|x| x.is_finite()), "{name}");
         total += v.len();
-        *types.entry(w.info(name).unwrap().ggml_type.to_string()).or_insert(0) += 1;
+        *types
+            .entry(w.info(name).unwrap().ggml_type.to_string())
+            .or_insert(0) += 1;
     }
     eprintln!(
         "SmolLM2: open {:?}, dequantised {} tensors / {total} values in {:?}; types {types:?}; config {c:?}",

@@ -35,7 +35,11 @@ impl<'a> Meta<'a> {
                 .as_integer()
                 .and_then(|i| usize::try_from(i).ok())
                 .map(Some)
-                .ok_or_else(|| self.err(format!("`{key}` must be a non-negative integer, found {v:?}"))),
+                .ok_or_else(|| {
+                    self.err(format!(
+                        "`{key}` must be a non-negative integer, found {v:?}"
+                    ))
+                }),
         }
     }
 
@@ -87,9 +91,17 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
     let arch_name = match file.get("general.architecture") {
         Some(GgufValue::String(s)) => s.as_str(),
         Some(v) => {
-            return Err(HassError::config(ctx, format!("`general.architecture` must be a string, found {v:?}")))
+            return Err(HassError::config(
+                ctx,
+                format!("`general.architecture` must be a string, found {v:?}"),
+            ))
         }
-        None => return Err(HassError::config(ctx, "metadata key `general.architecture` is missing")),
+        None => {
+            return Err(HassError::config(
+                ctx,
+                "metadata key `general.architecture` is missing",
+            ))
+        }
     };
     let architecture = match arch_name {
         "llama" => Architecture::Llama,
@@ -101,7 +113,10 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
             ))
         }
     };
-    let m = Meta { file, arch: arch_name };
+    let m = Meta {
+        file,
+        arch: arch_name,
+    };
 
     if m.opt_usize(&m.key("expert_count"))?.unwrap_or(0) > 0 {
         return Err(m.err("mixture-of-experts models are not supported"));
@@ -110,8 +125,9 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
     let intermediate_size = m.usize(&m.key("feed_forward_length"))?;
     let num_hidden_layers = m.usize(&m.key("block_count"))?;
     let num_attention_heads = m.usize(&m.key("attention.head_count"))?;
-    let num_key_value_heads =
-        m.opt_usize(&m.key("attention.head_count_kv"))?.unwrap_or(num_attention_heads);
+    let num_key_value_heads = m
+        .opt_usize(&m.key("attention.head_count_kv"))?
+        .unwrap_or(num_attention_heads);
     if num_attention_heads == 0 {
         return Err(m.err("attention.head_count must be positive"));
     }
@@ -129,7 +145,9 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
     };
     if let Some(v) = m.opt_usize(&m.key("attention.value_length"))? {
         if v != head_dim {
-            return Err(m.err(format!("attention.value_length {v} != key_length {head_dim} is not supported")));
+            return Err(m.err(format!(
+                "attention.value_length {v} != key_length {head_dim} is not supported"
+            )));
         }
     }
     if let Some(r) = m.opt_usize(&m.key("rope.dimension_count"))? {
@@ -141,7 +159,12 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
     }
     let rms_norm_eps = m
         .opt_f64(&m.key("attention.layer_norm_rms_epsilon"))?
-        .ok_or_else(|| m.err(format!("required metadata key `{}` is missing", m.key("attention.layer_norm_rms_epsilon"))))?;
+        .ok_or_else(|| {
+            m.err(format!(
+                "required metadata key `{}` is missing",
+                m.key("attention.layer_norm_rms_epsilon")
+            ))
+        })?;
     let rope_theta = m.opt_f64(&m.key("rope.freq_base"))?.unwrap_or(10_000.0);
     let max_position_embeddings = m.usize(&m.key("context_length"))?;
 
@@ -157,7 +180,9 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
             Some(RopeScaling::Linear { factor })
         }
         Some(other) => {
-            return Err(m.err(format!("unsupported rope scaling type `{other}` (supported: none, linear)")))
+            return Err(m.err(format!(
+                "unsupported rope scaling type `{other}` (supported: none, linear)"
+            )))
         }
     };
     if let Some(info) = file.tensor_info("rope_freqs.weight") {
@@ -166,7 +191,8 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
         }
         let factors = file.dequantize_info(info)?;
         let orig = m.opt_usize(&m.key("rope.scaling.original_context_length"))?;
-        rope_scaling = llama3_from_factors(&factors, head_dim, rope_theta, orig).map_err(|e| m.err(e))?;
+        rope_scaling =
+            llama3_from_factors(&factors, head_dim, rope_theta, orig).map_err(|e| m.err(e))?;
     }
 
     let vocab_size = match file.tensor_info("token_embd.weight") {
@@ -185,7 +211,11 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
 
     let bos_token_id = m.opt_u32("tokenizer.ggml.bos_token_id")?;
     let mut eos_token_ids = Vec::new();
-    for key in ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"] {
+    for key in [
+        "tokenizer.ggml.eos_token_id",
+        "tokenizer.ggml.eot_token_id",
+        "tokenizer.ggml.eom_token_id",
+    ] {
         if let Some(id) = m.opt_u32(key)? {
             if !eos_token_ids.contains(&id) {
                 eos_token_ids.push(id);
@@ -207,7 +237,8 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
         max_position_embeddings,
         vocab_size,
         tie_word_embeddings: file.tensor_info("output.weight").is_none(),
-        attention_bias: architecture == Architecture::Qwen2 || file.tensor_info("blk.0.attn_q.bias").is_some(),
+        attention_bias: architecture == Architecture::Qwen2
+            || file.tensor_info("blk.0.attn_q.bias").is_some(),
         bos_token_id,
         eos_token_ids,
     };
@@ -266,9 +297,11 @@ fn llama3_from_factors(
             }));
         }
     }
-    Err("rope_freqs.weight holds per-frequency rope factors that do not match Llama-3 scaling \
+    Err(
+        "rope_freqs.weight holds per-frequency rope factors that do not match Llama-3 scaling \
          (low_freq_factor 1, high_freq_factor 4); such rope scaling is not supported"
-        .into())
+            .into(),
+    )
 }
 
 #[cfg(test)]
@@ -312,7 +345,10 @@ mod tests {
             llama3_from_factors(&f32x, 64, 500000.0, None).unwrap(),
             Some(RopeScaling::Llama3 { factor, .. }) if factor == 32.0
         ));
-        assert_eq!(llama3_from_factors(&vec![1.0; 64], 128, 1e4, None).unwrap(), None);
+        assert_eq!(
+            llama3_from_factors(&vec![1.0; 64], 128, 1e4, None).unwrap(),
+            None
+        );
         let mut bad = f.clone();
         bad[3] = 2.5;
         assert!(llama3_from_factors(&bad, 128, 500000.0, None).is_err());

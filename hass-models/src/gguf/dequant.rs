@@ -10,7 +10,10 @@ use super::GgmlType;
 /// Whether `ty` can be dequantised.
 pub(super) fn supported(ty: GgmlType) -> bool {
     use GgmlType::*;
-    matches!(ty, F32 | F16 | BF16 | Q8_0 | Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q4_K | Q5_K | Q6_K)
+    matches!(
+        ty,
+        F32 | F16 | BF16 | Q8_0 | Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q4_K | Q5_K | Q6_K
+    )
 }
 
 /// Dequantises `n_elements` values of type `ty` from raw block bytes (a tensor's data, or
@@ -18,7 +21,9 @@ pub(super) fn supported(ty: GgmlType) -> bool {
 /// does not match.
 pub fn dequantize_raw(ty: GgmlType, bytes: &[u8], n_elements: usize) -> Result<Vec<f32>> {
     if !supported(ty) {
-        return Err(HassError::InvalidArgument(format!("cannot dequantise ggml type {ty}")));
+        return Err(HassError::InvalidArgument(format!(
+            "cannot dequantise ggml type {ty}"
+        )));
     }
     let (block, type_size) = ty.block_layout();
     if n_elements % block != 0 || n_elements / block * type_size != bytes.len() {
@@ -297,13 +302,18 @@ mod tests {
     #[test]
     fn scale_min_k4_matches_python_unpacking() {
         // gguf-py's Q4_K.get_scale_min formulation, independently
-        let q: Vec<u8> = (0..12u8).map(|i| i.wrapping_mul(37).wrapping_add(11)).collect();
+        let q: Vec<u8> = (0..12u8)
+            .map(|i| i.wrapping_mul(37).wrapping_add(11))
+            .collect();
         for j in 0..8 {
             let (sc, m) = scale_min_k4(j, &q);
             let (esc, em) = if j < 4 {
                 (q[j] & 0x3F, q[4 + j] & 0x3F)
             } else {
-                ((q[8 + j - 4] & 0x0F) | ((q[j - 4] >> 2) & 0x30), (q[8 + j - 4] >> 4) | ((q[4 + j - 4] >> 2) & 0x30))
+                (
+                    (q[8 + j - 4] & 0x0F) | ((q[j - 4] >> 2) & 0x30),
+                    (q[8 + j - 4] >> 4) | ((q[4 + j - 4] >> 2) & 0x30),
+                )
             };
             assert_eq!((sc, m), (esc, em), "j = {j}");
         }

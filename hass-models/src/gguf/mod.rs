@@ -626,22 +626,26 @@ impl GgufFile {
     }
 
     fn require(&self, key: &str) -> Result<&GgufValue> {
-        self.metadata
-            .get(key)
-            .ok_or_else(|| HassError::malformed(&self.name, format!("metadata key `{key}` is missing")))
+        self.metadata.get(key).ok_or_else(|| {
+            HassError::malformed(&self.name, format!("metadata key `{key}` is missing"))
+        })
     }
 
     fn wrong_type(&self, key: &str, want: &str, v: &GgufValue) -> HassError {
         HassError::malformed(
             &self.name,
-            format!("metadata key `{key}` should be {want}, found {:?}", v.value_type()),
+            format!(
+                "metadata key `{key}` should be {want}, found {:?}",
+                v.value_type()
+            ),
         )
     }
 
     /// A string value.
     pub fn get_str(&self, key: &str) -> Result<&str> {
         let v = self.require(key)?;
-        v.as_str().ok_or_else(|| self.wrong_type(key, "a string", v))
+        v.as_str()
+            .ok_or_else(|| self.wrong_type(key, "a string", v))
     }
 
     /// A bool value.
@@ -655,9 +659,14 @@ impl GgufFile {
     /// Any integer value that fits `u64`.
     pub fn get_u64(&self, key: &str) -> Result<u64> {
         let v = self.require(key)?;
-        let i = v.as_integer().ok_or_else(|| self.wrong_type(key, "an integer", v))?;
+        let i = v
+            .as_integer()
+            .ok_or_else(|| self.wrong_type(key, "an integer", v))?;
         u64::try_from(i).map_err(|_| {
-            HassError::malformed(&self.name, format!("metadata key `{key}` = {i} does not fit u64"))
+            HassError::malformed(
+                &self.name,
+                format!("metadata key `{key}` = {i} does not fit u64"),
+            )
         })
     }
 
@@ -665,7 +674,10 @@ impl GgufFile {
     pub fn get_u32(&self, key: &str) -> Result<u32> {
         let n = self.get_u64(key)?;
         u32::try_from(n).map_err(|_| {
-            HassError::malformed(&self.name, format!("metadata key `{key}` = {n} does not fit u32"))
+            HassError::malformed(
+                &self.name,
+                format!("metadata key `{key}` = {n} does not fit u32"),
+            )
         })
     }
 
@@ -673,23 +685,32 @@ impl GgufFile {
     pub fn get_usize(&self, key: &str) -> Result<usize> {
         let n = self.get_u64(key)?;
         usize::try_from(n).map_err(|_| {
-            HassError::malformed(&self.name, format!("metadata key `{key}` = {n} does not fit usize"))
+            HassError::malformed(
+                &self.name,
+                format!("metadata key `{key}` = {n} does not fit usize"),
+            )
         })
     }
 
     /// Any integer value that fits `i64`.
     pub fn get_i64(&self, key: &str) -> Result<i64> {
         let v = self.require(key)?;
-        let i = v.as_integer().ok_or_else(|| self.wrong_type(key, "an integer", v))?;
+        let i = v
+            .as_integer()
+            .ok_or_else(|| self.wrong_type(key, "an integer", v))?;
         i64::try_from(i).map_err(|_| {
-            HassError::malformed(&self.name, format!("metadata key `{key}` = {i} does not fit i64"))
+            HassError::malformed(
+                &self.name,
+                format!("metadata key `{key}` = {i} does not fit i64"),
+            )
         })
     }
 
     /// A float value (F32 or F64) as `f64`; integers are accepted too.
     pub fn get_f64(&self, key: &str) -> Result<f64> {
         let v = self.require(key)?;
-        v.as_f64().ok_or_else(|| self.wrong_type(key, "a number", v))
+        v.as_f64()
+            .ok_or_else(|| self.wrong_type(key, "a number", v))
     }
 
     /// A float value as `f32` (F64 values are rounded).
@@ -700,7 +721,8 @@ impl GgufFile {
     /// An array value.
     pub fn get_array(&self, key: &str) -> Result<&GgufArray> {
         let v = self.require(key)?;
-        v.as_array().ok_or_else(|| self.wrong_type(key, "an array", v))
+        v.as_array()
+            .ok_or_else(|| self.wrong_type(key, "an array", v))
     }
 
     /// An array of strings (e.g. `tokenizer.ggml.tokens`).
@@ -709,7 +731,10 @@ impl GgufFile {
         a.as_strings().ok_or_else(|| {
             HassError::malformed(
                 &self.name,
-                format!("metadata key `{key}` should be an array of strings, found an array of {:?}", a.elem_type()),
+                format!(
+                    "metadata key `{key}` should be an array of strings, found an array of {:?}",
+                    a.elem_type()
+                ),
             )
         })
     }
@@ -725,10 +750,11 @@ impl GgufFile {
     }
 
     fn info_or_missing(&self, name: &str) -> Result<&GgufTensorInfo> {
-        self.tensor_info(name).ok_or_else(|| HassError::MissingTensor {
-            file: self.name.clone(),
-            name: name.to_string(),
-        })
+        self.tensor_info(name)
+            .ok_or_else(|| HassError::MissingTensor {
+                file: self.name.clone(),
+                name: name.to_string(),
+            })
     }
 
     /// The raw (possibly quantized) data bytes of a tensor.
@@ -793,6 +819,10 @@ impl GgufFile {
                 .map(|b| half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])))
                 .collect());
         }
-        Ok(self.dequantize_info(info)?.into_iter().map(half::f16::from_f32).collect())
+        Ok(self
+            .dequantize_info(info)?
+            .into_iter()
+            .map(half::f16::from_f32)
+            .collect())
     }
 }

@@ -6,7 +6,9 @@ use std::collections::{BTreeMap, HashSet};
 
 use hass_core::{HassError, Result};
 
-use super::{GgmlType, GgufArray, GgufTensorInfo, GgufValue, GgufValueType, GGUF_DEFAULT_ALIGNMENT};
+use super::{
+    GgmlType, GgufArray, GgufTensorInfo, GgufValue, GgufValueType, GGUF_DEFAULT_ALIGNMENT,
+};
 
 /// ggml's `GGML_MAX_DIMS`.
 const MAX_DIMS: u32 = 4;
@@ -88,11 +90,19 @@ impl<'a> Cursor<'a> {
         let at = self.pos;
         let id = self.u32(&|| format!("type of {}", what()))?;
         GgufValueType::from_id(id).ok_or_else(|| {
-            self.err(format!("{} has unknown value type id {id} at offset {at}", what()))
+            self.err(format!(
+                "{} has unknown value type id {id} at offset {at}",
+                what()
+            ))
         })
     }
 
-    fn value(&mut self, ty: GgufValueType, depth: usize, what: &dyn Fn() -> String) -> Result<GgufValue> {
+    fn value(
+        &mut self,
+        ty: GgufValueType,
+        depth: usize,
+        what: &dyn Fn() -> String,
+    ) -> Result<GgufValue> {
         use GgufValueType as T;
         Ok(match ty {
             T::U8 => GgufValue::U8(self.array::<1>(what)?[0]),
@@ -110,7 +120,11 @@ impl<'a> Cursor<'a> {
                 match self.array::<1>(what)?[0] {
                     0 => GgufValue::Bool(false),
                     1 => GgufValue::Bool(true),
-                    b => return Err(self.err(format!("{} at offset {at}: invalid bool byte {b}", what()))),
+                    b => {
+                        return Err(
+                            self.err(format!("{} at offset {at}: invalid bool byte {b}", what()))
+                        )
+                    }
                 }
             }
             T::String => GgufValue::String(self.string(what)?),
@@ -121,7 +135,10 @@ impl<'a> Cursor<'a> {
     /// An array (after its value-type tag): element type, count, elements.
     fn array_value(&mut self, depth: usize, what: &dyn Fn() -> String) -> Result<GgufArray> {
         if depth >= MAX_ARRAY_DEPTH {
-            return Err(self.err(format!("{}: arrays nested deeper than {MAX_ARRAY_DEPTH} levels", what())));
+            return Err(self.err(format!(
+                "{}: arrays nested deeper than {MAX_ARRAY_DEPTH} levels",
+                what()
+            )));
         }
         let elem_type = self.value_type(&|| format!("element of {}", what()))?;
         let len = self.u64(&|| format!("length of {}", what()))?;
@@ -142,7 +159,10 @@ impl<'a> Cursor<'a> {
                 const W: usize = std::mem::size_of::<$t>();
                 let bytes = self.take((n * W) as u64, what)?;
                 GgufArray::$variant(
-                    bytes.chunks_exact(W).map(|b| <$t>::from_le_bytes(b.try_into().unwrap())).collect(),
+                    bytes
+                        .chunks_exact(W)
+                        .map(|b| <$t>::from_le_bytes(b.try_into().unwrap()))
+                        .collect(),
                 )
             }};
         }
@@ -302,7 +322,11 @@ pub(super) fn parse(buf: &[u8], file: &str) -> Result<Parsed> {
             .iter()
             .try_fold(1u64, |acc, &d| acc.checked_mul(d))
             .filter(|&n| n <= i64::MAX as u64 && usize::try_from(n).is_ok())
-            .ok_or_else(|| c.err(format!("tensor `{name}`: element count of dims {dims:?} overflows")))?;
+            .ok_or_else(|| {
+                c.err(format!(
+                    "tensor `{name}`: element count of dims {dims:?} overflows"
+                ))
+            })?;
         let (block, type_size) = ggml_type.block_layout();
         if dims[0] % block as u64 != 0 {
             return Err(c.err(format!(

@@ -42,7 +42,8 @@ const GLOBAL_TABLE: &[(&str, &str)] = &[
 fn split_layer<'a>(name: &'a str, prefix: &str) -> Option<(&'a str, &'a str)> {
     let rest = name.strip_prefix(prefix)?;
     let (n, rest) = rest.split_once('.')?;
-    if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) || (n.len() > 1 && n.starts_with('0')) {
+    if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) || (n.len() > 1 && n.starts_with('0'))
+    {
         return None;
     }
     Some((n, rest))
@@ -106,7 +107,12 @@ fn gather_rows<T: Copy>(data: &[T], n_rows: usize, map: impl Fn(usize) -> usize)
 /// llama.cpp's `LlamaModel.permute(w, n_head, n_head)` on a row-major `[n_rows, row_len]`
 /// tensor (`row_len = 1` for a bias): `w.reshape(n_head, 2, n_rows/n_head/2, row_len)
 /// .swapaxes(1, 2).reshape(n_rows, row_len)`. For K pass the KV head count.
-pub fn llama_permute_rows(data: &[f32], n_rows: usize, row_len: usize, n_head: usize) -> Result<Vec<f32>> {
+pub fn llama_permute_rows(
+    data: &[f32],
+    n_rows: usize,
+    row_len: usize,
+    n_head: usize,
+) -> Result<Vec<f32>> {
     check_permute_shape(n_rows, row_len, data.len(), n_head)?;
     let head_rows = n_rows / n_head;
     // GGUF row g = h*D + 2j + s takes HF row h*D + s*D/2 + j
@@ -119,10 +125,17 @@ pub fn llama_permute_rows(data: &[f32], n_rows: usize, row_len: usize, n_head: u
 }
 
 /// Inverse of [`llama_permute_rows`]: recovers the HF rows from a converted tensor.
-pub fn llama_unpermute_rows(data: &[f32], n_rows: usize, row_len: usize, n_head: usize) -> Result<Vec<f32>> {
+pub fn llama_unpermute_rows(
+    data: &[f32],
+    n_rows: usize,
+    row_len: usize,
+    n_head: usize,
+) -> Result<Vec<f32>> {
     check_permute_shape(n_rows, row_len, data.len(), n_head)?;
     let head_rows = n_rows / n_head;
-    Ok(gather_rows(data, n_rows, |i| gguf_row_of_hf_row(i, head_rows)))
+    Ok(gather_rows(data, n_rows, |i| {
+        gguf_row_of_hf_row(i, head_rows)
+    }))
 }
 
 /// A tensor's raw ggml data, rows already in HF order.
@@ -174,7 +187,12 @@ impl GgufWeights {
                 None => unmapped.push(t.name.clone()),
             }
         }
-        Ok(GgufWeights { file, config, names, unmapped })
+        Ok(GgufWeights {
+            file,
+            config,
+            names,
+            unmapped,
+        })
     }
 
     /// The model configuration from the metadata.
@@ -212,8 +230,12 @@ impl GgufWeights {
         }
         let (_, rest) = split_layer(name, "model.layers.")?;
         match rest {
-            "self_attn.q_proj.weight" | "self_attn.q_proj.bias" => Some(self.config.num_attention_heads),
-            "self_attn.k_proj.weight" | "self_attn.k_proj.bias" => Some(self.config.num_key_value_heads),
+            "self_attn.q_proj.weight" | "self_attn.q_proj.bias" => {
+                Some(self.config.num_attention_heads)
+            }
+            "self_attn.k_proj.weight" | "self_attn.k_proj.bias" => {
+                Some(self.config.num_key_value_heads)
+            }
             _ => None,
         }
     }
@@ -228,7 +250,10 @@ impl GgufWeights {
         HassError::ShapeMismatch {
             file: self.file.name().to_string(),
             name: name.to_string(),
-            expected: vec![heads * self.config.head_dim, found.get(1).copied().unwrap_or(1)],
+            expected: vec![
+                heads * self.config.head_dim,
+                found.get(1).copied().unwrap_or(1),
+            ],
             found,
         }
     }
@@ -253,19 +278,32 @@ impl GgufWeights {
                         return Err(HassError::UnsupportedDType {
                             file: self.file.name().to_string(),
                             name: name.to_string(),
-                            dtype: format!("{} (block-quantized bias cannot be un-permuted)", info.ggml_type),
+                            dtype: format!(
+                                "{} (block-quantized bias cannot be un-permuted)",
+                                info.ggml_type
+                            ),
                         });
                     }
                     let rows: Vec<&[u8]> = bytes.chunks_exact(ts).collect();
                     let head_rows = n_rows / heads;
-                    Cow::Owned((0..n_rows).flat_map(|i| rows[gguf_row_of_hf_row(i, head_rows)].iter().copied()).collect())
+                    Cow::Owned(
+                        (0..n_rows)
+                            .flat_map(|i| rows[gguf_row_of_hf_row(i, head_rows)].iter().copied())
+                            .collect(),
+                    )
                 } else {
                     let head_rows = n_rows / heads;
-                    Cow::Owned(gather_rows(bytes, n_rows, |i| gguf_row_of_hf_row(i, head_rows)))
+                    Cow::Owned(gather_rows(bytes, n_rows, |i| {
+                        gguf_row_of_hf_row(i, head_rows)
+                    }))
                 }
             }
         };
-        Ok(RawTensor { ggml_type: info.ggml_type, shape_hf, bytes })
+        Ok(RawTensor {
+            ggml_type: info.ggml_type,
+            shape_hf,
+            bytes,
+        })
     }
 }
 
@@ -326,14 +364,26 @@ mod tests {
 
     #[test]
     fn unpermute_inverts_converter_permute() {
-        for &(n_head, head_dim, row_len) in &[(4usize, 8usize, 3usize), (9, 64, 5), (3, 64, 1), (1, 2, 1), (2, 6, 4)] {
+        for &(n_head, head_dim, row_len) in &[
+            (4usize, 8usize, 3usize),
+            (9, 64, 5),
+            (3, 64, 1),
+            (1, 2, 1),
+            (2, 6, 4),
+        ] {
             let n_rows = n_head * head_dim;
             let w: Vec<f32> = (0..n_rows * row_len).map(|i| i as f32).collect();
             let p = converter_permute(&w, n_rows, row_len, n_head);
             assert_eq!(llama_permute_rows(&w, n_rows, row_len, n_head).unwrap(), p);
-            assert_eq!(llama_unpermute_rows(&p, n_rows, row_len, n_head).unwrap(), w);
+            assert_eq!(
+                llama_unpermute_rows(&p, n_rows, row_len, n_head).unwrap(),
+                w
+            );
             if head_dim > 2 {
-                assert_ne!(p, w, "permutation is not the identity for head_dim {head_dim}");
+                assert_ne!(
+                    p, w,
+                    "permutation is not the identity for head_dim {head_dim}"
+                );
             }
         }
     }
@@ -342,8 +392,14 @@ mod tests {
     fn permute_known_small_case() {
         // one head, D = 4: HF rows [a0 a1 | b0 b1] -> GGUF [a0 b0 a1 b1]
         let w = [0.0, 1.0, 2.0, 3.0];
-        assert_eq!(llama_permute_rows(&w, 4, 1, 1).unwrap(), vec![0.0, 2.0, 1.0, 3.0]);
-        assert_eq!(llama_unpermute_rows(&[0.0, 2.0, 1.0, 3.0], 4, 1, 1).unwrap(), w.to_vec());
+        assert_eq!(
+            llama_permute_rows(&w, 4, 1, 1).unwrap(),
+            vec![0.0, 2.0, 1.0, 3.0]
+        );
+        assert_eq!(
+            llama_unpermute_rows(&[0.0, 2.0, 1.0, 3.0], 4, 1, 1).unwrap(),
+            w.to_vec()
+        );
         assert!(llama_unpermute_rows(&w, 4, 1, 3).is_err());
         assert!(llama_unpermute_rows(&w, 3, 1, 1).is_err());
     }
@@ -354,19 +410,46 @@ mod tests {
             ("model.embed_tokens.weight", "token_embd.weight"),
             ("model.norm.weight", "output_norm.weight"),
             ("lm_head.weight", "output.weight"),
-            ("model.layers.0.self_attn.q_proj.weight", "blk.0.attn_q.weight"),
-            ("model.layers.12.self_attn.k_proj.bias", "blk.12.attn_k.bias"),
-            ("model.layers.3.self_attn.o_proj.weight", "blk.3.attn_output.weight"),
-            ("model.layers.29.mlp.down_proj.weight", "blk.29.ffn_down.weight"),
-            ("model.layers.1.input_layernorm.weight", "blk.1.attn_norm.weight"),
-            ("model.layers.1.post_attention_layernorm.weight", "blk.1.ffn_norm.weight"),
+            (
+                "model.layers.0.self_attn.q_proj.weight",
+                "blk.0.attn_q.weight",
+            ),
+            (
+                "model.layers.12.self_attn.k_proj.bias",
+                "blk.12.attn_k.bias",
+            ),
+            (
+                "model.layers.3.self_attn.o_proj.weight",
+                "blk.3.attn_output.weight",
+            ),
+            (
+                "model.layers.29.mlp.down_proj.weight",
+                "blk.29.ffn_down.weight",
+            ),
+            (
+                "model.layers.1.input_layernorm.weight",
+                "blk.1.attn_norm.weight",
+            ),
+            (
+                "model.layers.1.post_attention_layernorm.weight",
+                "blk.1.ffn_norm.weight",
+            ),
         ] {
             assert_eq!(hf_to_gguf_name(hf).as_deref(), Some(gg));
             assert_eq!(gguf_to_hf_name(gg).as_deref(), Some(hf));
         }
-        for bad in ["rope_freqs.weight", "blk.x.attn_q.weight", "blk.01.attn_q.weight", "blk..attn_q.weight", "blk.0.attn_q"] {
+        for bad in [
+            "rope_freqs.weight",
+            "blk.x.attn_q.weight",
+            "blk.01.attn_q.weight",
+            "blk..attn_q.weight",
+            "blk.0.attn_q",
+        ] {
             assert_eq!(gguf_to_hf_name(bad), None, "{bad}");
         }
-        assert_eq!(hf_to_gguf_name("model.layers.0.self_attn.rotary_emb.inv_freq"), None);
+        assert_eq!(
+            hf_to_gguf_name("model.layers.0.self_attn.rotary_emb.inv_freq"),
+            None
+        );
     }
 }
