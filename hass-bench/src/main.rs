@@ -12,7 +12,7 @@ use clap::{Parser, Subcommand};
 use hass_bench::speed::{run_speed, SpeedOptions};
 use hass_models::assets::{ensure, Asset};
 use hass_models::backend::backend_name;
-use hass_models::{default_device, load_model, DefaultBackend};
+use hass_models::{default_device, load_model, DefaultBackend, WeightDtype};
 
 #[derive(Parser)]
 #[command(about = "hass benchmarks")]
@@ -37,6 +37,9 @@ enum Command {
         verify: Vec<usize>,
         #[arg(long, default_value_t = 5)]
         repeats: usize,
+        /// Storage dtype of the weight matrices.
+        #[arg(long, default_value = "f16")]
+        dtype: WeightDtype,
         /// Also write the report as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -45,18 +48,18 @@ enum Command {
 
 fn main() -> Result<()> {
     match Cli::parse().command {
-        Command::Speed { model, prompt_tokens, decode_tokens, verify, repeats, json } => {
+        Command::Speed { model, prompt_tokens, decode_tokens, verify, repeats, dtype, json } => {
             let path = match model {
                 Some(p) => p,
                 None => ensure(Asset::SmolLm2)?,
             };
             let t = std::time::Instant::now();
-            let loaded = load_model::<DefaultBackend>(&path, &default_device())
+            let loaded = load_model::<DefaultBackend>(&path, &default_device(), dtype)
                 .with_context(|| format!("loading {}", path.display()))?;
             let load_s = t.elapsed().as_secs_f64();
             let opts = SpeedOptions { prompt_tokens, decode_tokens, verify_sizes: verify, repeats };
             let report = run_speed(&loaded.model, load_s, &opts)?;
-            println!("model: {}\nbackend: {}\n", path.display(), backend_name());
+            println!("model: {}\nbackend: {}\nweights: {dtype:?}\n", path.display(), backend_name());
             println!("{}", report.to_markdown());
             if let Some(p) = json {
                 std::fs::write(&p, serde_json::to_string_pretty(&report)?)

@@ -1,13 +1,18 @@
 //! Backend-free pieces of hass: errors, model configuration, sampling parameters,
-//! tokenizer and chat templates.
+//! draft trees and acceptance rules, tokenizer and chat templates.
 
+pub mod acceptance;
 pub mod chat;
 pub mod config;
 pub mod error;
 pub mod sampling;
 pub mod tokenizer;
 pub mod tokenizer_builders;
+pub mod tree;
 
+pub use acceptance::{
+    greedy_accept, sample_accept, sample_accept_with, AcceptCoin, Accepted, RngCoin,
+};
 pub use chat::{ChatMessage, ChatTemplate};
 pub use config::{ModelConfig, RopeScaling};
 pub use error::{HassError, Result};
@@ -15,3 +20,4 @@ pub use sampling::{
     argmax, sample_from, softmax_in_place, LogitsProcessor, Sampler, SamplingParams,
 };
 pub use tokenizer::{TokenStream, Tokenizer};
+pub use tree::{DraftTree, TreeBuilder, TreeParams};

@@ -33,8 +33,8 @@ use tokenizers::decoders::sequence::Sequence as DecoderSequence;
 use tokenizers::decoders::strip::Strip;
 use tokenizers::decoders::DecoderWrapper;
 use tokenizers::models::bpe::{Vocab, BPE};
-use tokenizers::normalizers::{Prepend, Replace, Sequence as NormalizerSequence, NFC};
 use tokenizers::normalizers::NormalizerWrapper;
+use tokenizers::normalizers::{Prepend, Replace, Sequence as NormalizerSequence, NFC};
 use tokenizers::pre_tokenizers::sequence::Sequence as PreTokenizerSequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::pre_tokenizers::PreTokenizerWrapper;
@@ -76,19 +76,16 @@ const DEFAULT_RES: &[&str] = &[
 ];
 const FALCON_RES: &[&str] = &[r"[\p{P}\$\+<=>\^~\|`]+", GPT2_RE, "[0-9][0-9][0-9]"];
 const STARCODER_RES: &[&str] = &[r"\p{N}", GPT2_RE];
-const DEEPSEEK_CODER_RES: &[&str] = &[
-    "[\r\n]",
-    r"\s?\p{L}+",
-    r"\s?\p{P}+",
-    "[一-龥ࠀ-一가-퟿]+",
-    r"\p{N}",
-];
+// Non-ASCII characters are escaped: several of them (U+1FDB, U+212A, ...) are
+// changed by Unicode normalisation, which editors may apply to literal text.
+const CJK_RE: &str = "[\u{4e00}-\u{9fa5}\u{800}-\u{4e00}\u{ac00}-\u{d7ff}]+";
+const DEEPSEEK_CODER_RES: &[&str] = &["[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", CJK_RE, r"\p{N}"];
 const DEEPSEEK_LLM_RES: &[&str] = &[
     "[\r\n]",
-    r"\s?[A-Za-zµÀ-ÖØ-öø-ƺƼ-ƿǄ-ʓʕ-ʯͰ-ͳͶͷͻ-ͽͿΆΈ-ΊΌΎ-ΡΣ-ϵϷ-ҁҊ-ԯԱ-ՖႠ-ჅᎠ-Ᏽᏸ-ᏽᲐ-ᲺᲽ-Ჿᴀ-ᴫᵫ-ᵷᵹ-ᶚḀ-ἕἘ-Ἕἠ-ὅὈ-Ὅὐ-ὗὙὛὝὟ-ώᾀ-ᾴᾶ-ᾼιῂ-ῄῆ-ῌῐ-ΐῖ-Ίῠ-Ῥῲ-ῴῶ-ῼℂℇℊ-ℓℕℙ-ℝℤΩℨK-ℭℯ-ℴℹℼ-ℿⅅ-ⅉⅎↃↄⰀ-ⱻⱾ-ⳤⳫ-ⳮⳲⳳꙀ-ꙭꚀ-ꚛꜢ-ꝯꝱ-ꞇꞋ-ꞎꭰ-ꮿﬀ-ﬆﬓ-ﬗＡ-Ｚａ-ｚ𐐀-𐑏𐒰-𐓓𐓘-𐓻𐲀-𐲲𐳀-𐳲𑢠-𑣟𞤀-𞥃]+",
-    r"\s?[!-/:-~！-／：-～‘-‟　-。]+",
+    "\\s?[A-Za-z\u{b5}\u{c0}-\u{d6}\u{d8}-\u{f6}\u{f8}-\u{1ba}\u{1bc}-\u{1bf}\u{1c4}-\u{293}\u{295}-\u{2af}\u{370}-\u{373}\u{376}\u{377}\u{37b}-\u{37d}\u{37f}\u{386}\u{388}-\u{38a}\u{38c}\u{38e}-\u{3a1}\u{3a3}-\u{3f5}\u{3f7}-\u{481}\u{48a}-\u{52f}\u{531}-\u{556}\u{10a0}-\u{10c5}\u{13a0}-\u{13f5}\u{13f8}-\u{13fd}\u{1c90}-\u{1cba}\u{1cbd}-\u{1cbf}\u{1d00}-\u{1d2b}\u{1d6b}-\u{1d77}\u{1d79}-\u{1d9a}\u{1e00}-\u{1f15}\u{1f18}-\u{1f1d}\u{1f20}-\u{1f45}\u{1f48}-\u{1f4d}\u{1f50}-\u{1f57}\u{1f59}\u{1f5b}\u{1f5d}\u{1f5f}-\u{1f7d}\u{1f80}-\u{1fb4}\u{1fb6}-\u{1fbc}\u{1fbe}\u{1fc2}-\u{1fc4}\u{1fc6}-\u{1fcc}\u{1fd0}-\u{1fd3}\u{1fd6}-\u{1fdb}\u{1fe0}-\u{1fec}\u{1ff2}-\u{1ff4}\u{1ff6}-\u{1ffc}\u{2102}\u{2107}\u{210a}-\u{2113}\u{2115}\u{2119}-\u{211d}\u{2124}\u{2126}\u{2128}\u{212a}-\u{212d}\u{212f}-\u{2134}\u{2139}\u{213c}-\u{213f}\u{2145}-\u{2149}\u{214e}\u{2183}\u{2184}\u{2c00}-\u{2c7b}\u{2c7e}-\u{2ce4}\u{2ceb}-\u{2cee}\u{2cf2}\u{2cf3}\u{a640}-\u{a66d}\u{a680}-\u{a69b}\u{a722}-\u{a76f}\u{a771}-\u{a787}\u{a78b}-\u{a78e}\u{ab70}-\u{abbf}\u{fb00}-\u{fb06}\u{fb13}-\u{fb17}\u{ff21}-\u{ff3a}\u{ff41}-\u{ff5a}\u{10400}-\u{1044f}\u{104b0}-\u{104d3}\u{104d8}-\u{104fb}\u{10c80}-\u{10cb2}\u{10cc0}-\u{10cf2}\u{118a0}-\u{118df}\u{1e900}-\u{1e943}]+",
+    "\\s?[!-/:-~\u{ff01}-\u{ff0f}\u{ff1a}-\u{ff5e}\u{2018}-\u{201f}\u{3000}-\u{3002}]+",
     r"\s+$",
-    "[一-龥ࠀ-一가-퟿]+",
+    CJK_RE,
     r"\p{N}+",
 ];
 
@@ -117,14 +114,16 @@ fn pre_spec(pre: &str) -> Option<PreSpec> {
         "dbrx" | "smaug-bpe" => spec(&[LLAMA3_RE], false, false, false),
         "qwen2" | "deepseek-r1-qwen" | "kormo" | "f2llmv2" => spec(&[QWEN2_RE], false, true, false),
         "stablelm2" => spec(&[QWEN2_RE], false, false, false),
-        "qwen35" => spec(&[QWEN35_RE], false, true, false),
+        // Qwen3.5's tokenizer dropped Qwen2's NFC normalizer (llama.cpp's test
+        // vectors for it keep combining marks apart).
+        "qwen35" => spec(&[QWEN35_RE], false, false, false),
         "gpt-2" | "phi-2" | "jina-es" | "jina-de" | "gigachat" | "jina-v2-es" | "jina-v2-de"
         | "a.x-4.0" | "mellum" | "modern-bert" | "mpt" | "olmo" | "jais" | "trillion"
         | "exaone4" | "jina-v1-en" | "jina-v2-code" | "roberta-bpe" => {
             spec(&[GPT2_RE], false, false, false)
         }
-        "starcoder" | "refact" | "command-r" | "smollm" | "codeshell" | "exaone"
-        | "minerva-7b" | "mellum2" => spec(STARCODER_RES, false, false, false),
+        "starcoder" | "refact" | "command-r" | "smollm" | "codeshell" | "exaone" | "minerva-7b"
+        | "mellum2" => spec(STARCODER_RES, false, false, false),
         "falcon" => spec(FALCON_RES, false, false, false),
         "deepseek-coder" => spec(DEEPSEEK_CODER_RES, false, false, false),
         "deepseek-llm" => spec(DEEPSEEK_LLM_RES, false, false, false),
@@ -135,13 +134,53 @@ fn pre_spec(pre: &str) -> Option<PreSpec> {
 /// The `tokenizer.ggml.pre` names [`gpt2_bpe`] accepts (llama.cpp aliases included).
 pub fn supported_bpe_pre_tokenizers() -> &'static [&'static str] {
     &[
-        "default", "llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral",
-        "midm-2.0", "lfm2", "jina-v5-nano", "dbrx", "smaug-bpe", "qwen2", "deepseek-r1-qwen",
-        "kormo", "f2llmv2", "stablelm2", "qwen35", "gpt-2", "phi-2", "jina-es", "jina-de",
-        "gigachat", "jina-v2-es", "jina-v2-de", "a.x-4.0", "mellum", "modern-bert", "mpt",
-        "olmo", "jais", "trillion", "exaone4", "jina-v1-en", "jina-v2-code", "roberta-bpe",
-        "starcoder", "refact", "command-r", "smollm", "codeshell", "exaone", "minerva-7b",
-        "mellum2", "falcon", "deepseek-coder", "deepseek-llm",
+        "default",
+        "llama3",
+        "llama-v3",
+        "llama-bpe",
+        "falcon3",
+        "falcon-h1",
+        "pixtral",
+        "midm-2.0",
+        "lfm2",
+        "jina-v5-nano",
+        "dbrx",
+        "smaug-bpe",
+        "qwen2",
+        "deepseek-r1-qwen",
+        "kormo",
+        "f2llmv2",
+        "stablelm2",
+        "qwen35",
+        "gpt-2",
+        "phi-2",
+        "jina-es",
+        "jina-de",
+        "gigachat",
+        "jina-v2-es",
+        "jina-v2-de",
+        "a.x-4.0",
+        "mellum",
+        "modern-bert",
+        "mpt",
+        "olmo",
+        "jais",
+        "trillion",
+        "exaone4",
+        "jina-v1-en",
+        "jina-v2-code",
+        "roberta-bpe",
+        "starcoder",
+        "refact",
+        "command-r",
+        "smollm",
+        "codeshell",
+        "exaone",
+        "minerva-7b",
+        "mellum2",
+        "falcon",
+        "deepseek-coder",
+        "deepseek-llm",
     ]
 }
 
@@ -161,12 +200,21 @@ fn token_texts(tokens: &[String]) -> Result<Vec<String>> {
         return Err(tok_err("the vocabulary has no tokens"));
     }
     if u32::try_from(tokens.len()).is_err() {
-        return Err(tok_err(format!("{} tokens do not fit u32 ids", tokens.len())));
+        return Err(tok_err(format!(
+            "{} tokens do not fit u32 ids",
+            tokens.len()
+        )));
     }
     Ok(tokens
         .iter()
         .enumerate()
-        .map(|(i, t)| if t.is_empty() { format!("[EMPTY_{i}]") } else { t.clone() })
+        .map(|(i, t)| {
+            if t.is_empty() {
+                format!("[EMPTY_{i}]")
+            } else {
+                t.clone()
+            }
+        })
         .collect())
 }
 
@@ -199,7 +247,11 @@ fn check_types(token_types: &[i32], n_tokens: usize) -> Result<()> {
 
 /// Registers control/unknown tokens as special added tokens and user-defined tokens
 /// as plain added tokens (neither is touched by the normalizer).
-fn add_added_tokens(tok: &mut tokenizers::Tokenizer, tokens: &[String], token_types: Option<&[i32]>) {
+fn add_added_tokens(
+    tok: &mut tokenizers::Tokenizer,
+    tokens: &[String],
+    token_types: Option<&[i32]>,
+) {
     let Some(types) = token_types else { return };
     let mut special = Vec::new();
     let mut user = Vec::new();
@@ -208,7 +260,9 @@ fn add_added_tokens(tok: &mut tokenizers::Tokenizer, tokens: &[String], token_ty
             TOKEN_TYPE_CONTROL | TOKEN_TYPE_UNKNOWN => {
                 special.push(AddedToken::from(t.clone(), true).normalized(false))
             }
-            TOKEN_TYPE_USER_DEFINED => user.push(AddedToken::from(t.clone(), false).normalized(false)),
+            TOKEN_TYPE_USER_DEFINED => {
+                user.push(AddedToken::from(t.clone(), false).normalized(false))
+            }
             _ => {}
         }
     }
@@ -222,7 +276,11 @@ fn add_added_tokens(tok: &mut tokenizers::Tokenizer, tokens: &[String], token_ty
 
 /// A post-processor prepending `bos` and/or appending `eos` when encoding with
 /// `add_special_tokens = true`; `None` when neither is set.
-fn bos_eos_processor(tokens: &[String], bos: Option<u32>, eos: Option<u32>) -> Result<Option<TemplateProcessing>> {
+fn bos_eos_processor(
+    tokens: &[String],
+    bos: Option<u32>,
+    eos: Option<u32>,
+) -> Result<Option<TemplateProcessing>> {
     if bos.is_none() && eos.is_none() {
         return Ok(None);
     }
@@ -231,18 +289,27 @@ fn bos_eos_processor(tokens: &[String], bos: Option<u32>, eos: Option<u32>) -> R
     let mut pair: Vec<String> = Vec::new();
     let text = |id: u32, what: &str| -> Result<String> {
         tokens.get(id as usize).cloned().ok_or_else(|| {
-            tok_err(format!("{what} token id {id} is out of range for a vocabulary of {} tokens", tokens.len()))
+            tok_err(format!(
+                "{what} token id {id} is out of range for a vocabulary of {} tokens",
+                tokens.len()
+            ))
         })
     };
     if let Some(id) = bos {
-        specials.push(SpecialToken::new("bos".into(), vec![id], vec![text(id, "BOS")?]).map_err(|e| tok_err(e.to_string()))?);
+        specials.push(
+            SpecialToken::new("bos".into(), vec![id], vec![text(id, "BOS")?])
+                .map_err(|e| tok_err(e.to_string()))?,
+        );
         single.push("bos".into());
         pair.push("bos".into());
     }
     single.push("$A".into());
     pair.push("$A".into());
     if let Some(id) = eos {
-        specials.push(SpecialToken::new("eos".into(), vec![id], vec![text(id, "EOS")?]).map_err(|e| tok_err(e.to_string()))?);
+        specials.push(
+            SpecialToken::new("eos".into(), vec![id], vec![text(id, "EOS")?])
+                .map_err(|e| tok_err(e.to_string()))?,
+        );
         single.push("eos".into());
         pair.push("eos".into());
     }
@@ -267,7 +334,11 @@ fn bos_eos_processor(tokens: &[String], bos: Option<u32>, eos: Option<u32>) -> R
 /// Replaces the post-processor of `tokenizer` so that `encode(.., true)` prepends
 /// `bos` and/or appends `eos` (e.g. for GGUFs with `tokenizer.ggml.add_eos_token`).
 /// Copies the underlying tokenizer.
-pub fn with_bos_eos(tokenizer: &Tokenizer, bos: Option<u32>, eos: Option<u32>) -> Result<Tokenizer> {
+pub fn with_bos_eos(
+    tokenizer: &Tokenizer,
+    bos: Option<u32>,
+    eos: Option<u32>,
+) -> Result<Tokenizer> {
     let mut inner = tokenizer.inner().clone();
     let n = inner.get_vocab_size(true);
     let mut tokens = vec![String::new(); n];
@@ -323,9 +394,16 @@ pub fn gpt2_bpe(
             .skip(1)
             .position(|&b| b == b' ')
             .map(|p| p + 1)
-            .ok_or_else(|| tok_err(format!("merge {i} `{m}` has no space separating its two pieces")))?;
+            .ok_or_else(|| {
+                tok_err(format!(
+                    "merge {i} `{m}` has no space separating its two pieces"
+                ))
+            })?;
         let (a, b) = (&m[..pos], &m[pos + 1..]);
-        if ids.contains_key(a) && ids.contains_key(b) && ids.contains_key(format!("{a}{b}").as_str()) {
+        if ids.contains_key(a)
+            && ids.contains_key(b)
+            && ids.contains_key(format!("{a}{b}").as_str())
+        {
             pairs.push((a.to_string(), b.to_string()));
         }
     }
@@ -342,13 +420,21 @@ pub fn gpt2_bpe(
     }
     let mut pre_tokenizers = Vec::with_capacity(spec.regexes.len() + 1);
     for re in spec.regexes {
-        let split = Split::new(SplitPattern::Regex((*re).to_string()), SplitDelimiterBehavior::Isolated, false)
-            .map_err(|e| tok_err(format!("pre-tokenizer regex of `{pre}`: {e}")))?;
+        let split = Split::new(
+            SplitPattern::Regex((*re).to_string()),
+            SplitDelimiterBehavior::Isolated,
+            false,
+        )
+        .map_err(|e| tok_err(format!("pre-tokenizer regex of `{pre}`: {e}")))?;
         pre_tokenizers.push(PreTokenizerWrapper::from(split));
     }
     // Bytes → GPT-2's printable alphabet; the splitting was done above.
-    pre_tokenizers.push(PreTokenizerWrapper::from(ByteLevel::new(false, true, false)));
-    tok.with_pre_tokenizer(Some(PreTokenizerWrapper::from(PreTokenizerSequence::new(pre_tokenizers))));
+    pre_tokenizers.push(PreTokenizerWrapper::from(ByteLevel::new(
+        false, true, false,
+    )));
+    tok.with_pre_tokenizer(Some(PreTokenizerWrapper::from(PreTokenizerSequence::new(
+        pre_tokenizers,
+    ))));
     tok.with_decoder(Some(DecoderWrapper::from(ByteLevel::default())));
     tok.with_post_processor(bos_eos_processor(&tokens, add_bos, None)?);
     add_added_tokens(&mut tok, &tokens, token_types);
@@ -362,7 +448,12 @@ pub fn gpt2_bpe(
 /// two vocabulary pieces, ordered by the score of the merged piece (highest first),
 /// ties as `transformers`' `generate_merges`: longer left piece, then longer right
 /// piece, then vocabulary order.
-fn spm_merges(tokens: &[String], scores: &[f32], token_types: &[i32], ids: &HashMap<&str, u32>) -> Vec<(String, String)> {
+fn spm_merges(
+    tokens: &[String],
+    scores: &[f32],
+    token_types: &[i32],
+    ids: &HashMap<&str, u32>,
+) -> Vec<(String, String)> {
     struct Cand {
         score: f32,
         len_l: usize,
@@ -374,7 +465,10 @@ fn spm_merges(tokens: &[String], scores: &[f32], token_types: &[i32], ids: &Hash
     let mut cands = Vec::new();
     for (id, piece) in tokens.iter().enumerate() {
         // Control, unknown and byte tokens are never the result of a merge.
-        if matches!(token_types[id], TOKEN_TYPE_CONTROL | TOKEN_TYPE_UNKNOWN | TOKEN_TYPE_BYTE) {
+        if matches!(
+            token_types[id],
+            TOKEN_TYPE_CONTROL | TOKEN_TYPE_UNKNOWN | TOKEN_TYPE_BYTE
+        ) {
             continue;
         }
         let mut local = Vec::new();
@@ -488,7 +582,10 @@ mod tests {
 
     /// GPT-2's byte → char table.
     fn byte_chars() -> Vec<String> {
-        let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32).chain(0xA1..=0xAC).chain(0xAE..=0xFF).collect();
+        let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32)
+            .chain(0xA1..=0xAC)
+            .chain(0xAE..=0xFF)
+            .collect();
         let mut cs = bs.clone();
         let mut n = 0;
         for b in 0..256u32 {
@@ -531,7 +628,11 @@ mod tests {
         assert_eq!(tok.decode(&ids, false).unwrap(), "<|bos|>hello<|user|>");
         // Multi-byte characters round-trip through byte tokens.
         let text = "héllo 😀\n\tx";
-        assert_eq!(tok.decode(&tok.encode(text, false).unwrap(), false).unwrap(), text);
+        assert_eq!(
+            tok.decode(&tok.encode(text, false).unwrap(), false)
+                .unwrap(),
+            text
+        );
         assert_eq!(tok.encode("hello", true).unwrap(), vec![hello]);
     }
 
@@ -543,7 +644,10 @@ mod tests {
         assert_eq!(ids.len(), 3);
         assert_eq!(ids[0], 0);
         let gpt2 = tiny_bpe("gpt-2", None).unwrap();
-        assert_eq!(gpt2.encode("12", false).unwrap(), vec![gpt2.token_to_id("12").unwrap()]);
+        assert_eq!(
+            gpt2.encode("12", false).unwrap(),
+            vec![gpt2.token_to_id("12").unwrap()]
+        );
         assert!(gpt2_pre_default_add_bos("llama-bpe"));
         assert!(!gpt2_pre_default_add_bos("smollm"));
     }
@@ -594,7 +698,10 @@ mod tests {
         assert_eq!(tok.encode("bc", false).unwrap(), vec![id("▁"), id("bc")]);
         assert_eq!(tok.encode("abc", true).unwrap()[0], 1);
         // "é" is not in the vocabulary: UTF-8 bytes.
-        assert_eq!(tok.encode("é", false).unwrap(), vec![id("▁"), id("<0xC3>"), id("<0xA9>")]);
+        assert_eq!(
+            tok.encode("é", false).unwrap(),
+            vec![id("▁"), id("<0xC3>"), id("<0xA9>")]
+        );
         for text in ["abc bc", " abc", "é a\n", ""] {
             let ids = tok.encode(text, true).unwrap();
             assert_eq!(tok.decode(&ids, true).unwrap(), text);
@@ -602,8 +709,16 @@ mod tests {
         // Special tokens in text are one id.
         assert_eq!(tok.encode("</s>", false).unwrap(), vec![2]);
         let no_prefix = tiny_spm(false);
-        assert_eq!(no_prefix.encode("abc", false).unwrap(), vec![id("ab"), id("c")]);
-        assert_eq!(no_prefix.decode(&no_prefix.encode(" a", false).unwrap(), false).unwrap(), " a");
+        assert_eq!(
+            no_prefix.encode("abc", false).unwrap(),
+            vec![id("ab"), id("c")]
+        );
+        assert_eq!(
+            no_prefix
+                .decode(&no_prefix.encode(" a", false).unwrap(), false)
+                .unwrap(),
+            " a"
+        );
     }
 
     #[test]
@@ -612,7 +727,10 @@ mod tests {
         let err = llama_spm(&tokens, &[0.0], &[2, 1], None, true).unwrap_err();
         assert!(err.to_string().contains("scores has 1 entries"), "{err}");
         let err = llama_spm(&tokens, &[0.0, 0.0], &[2], None, true).unwrap_err();
-        assert!(err.to_string().contains("token_type has 1 entries"), "{err}");
+        assert!(
+            err.to_string().contains("token_type has 1 entries"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -623,6 +741,9 @@ mod tests {
         assert_eq!(ids.first(), Some(&1));
         assert_eq!(ids.last(), Some(&2));
         let none = with_bos_eos(&tok, None, None).unwrap();
-        assert_eq!(none.encode("ab", true).unwrap(), tok.encode("ab", false).unwrap());
+        assert_eq!(
+            none.encode("ab", true).unwrap(),
+            tok.encode("ab", false).unwrap()
+        );
     }
 }

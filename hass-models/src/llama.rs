@@ -27,6 +27,18 @@ pub enum WeightDtype {
     F16,
 }
 
+impl std::str::FromStr for WeightDtype {
+    type Err = HassError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "f32" => Ok(WeightDtype::F32),
+            "f16" => Ok(WeightDtype::F16),
+            other => Err(HassError::InvalidArgument(format!("weight dtype `{other}` (use f32 or f16)"))),
+        }
+    }
+}
+
 impl WeightDtype {
     fn dtype(self) -> DType {
         match self {

@@ -10,8 +10,9 @@ use hass_core::{HassError, Result};
 
 use crate::gguf::GgufWeights;
 use crate::gguf_tokenizer::{chat_template_from_gguf, tokenizer_from_gguf};
-use crate::hf::load_hf_model;
-use crate::llama::Llama;
+use crate::hf::read_hf_config;
+use crate::safetensors_dir::SafetensorsDir;
+use crate::llama::{Llama, WeightDtype};
 
 /// A target model with what is needed to talk to it.
 pub struct LoadedModel<B: Backend> {
@@ -22,11 +23,17 @@ pub struct LoadedModel<B: Backend> {
     pub path: PathBuf,
 }
 
-/// Loads `path`: a directory in HF layout, or a `.gguf` file.
-pub fn load_model<B: Backend>(path: impl AsRef<Path>, device: &B::Device) -> Result<LoadedModel<B>> {
+/// Loads `path`: a directory in HF layout, or a `.gguf` file (dequantised), keeping
+/// the matrices in `dtype`.
+pub fn load_model<B: Backend>(
+    path: impl AsRef<Path>,
+    device: &B::Device,
+    dtype: WeightDtype,
+) -> Result<LoadedModel<B>> {
     let path = path.as_ref();
     if path.is_dir() {
-        let model = load_hf_model(path, device)?;
+        let config = read_hf_config(path)?;
+        let model = Llama::load_with_dtype(&SafetensorsDir::open(path)?, config, device, dtype)?;
         let tokenizer = Tokenizer::from_file(path.join("tokenizer.json"))?;
         let config = path.join("tokenizer_config.json");
         let template = if config.exists() {
@@ -52,7 +59,7 @@ pub fn load_model<B: Backend>(path: impl AsRef<Path>, device: &B::Device) -> Res
             None => ChatTemplate::guess_builtin_for(&tokenizer),
         };
         let config = weights.config().clone();
-        let model = Llama::load(&weights, config, device)?;
+        let model = Llama::load_with_dtype(&weights, config, device, dtype)?;
         return Ok(LoadedModel { model, tokenizer, chat_template, path: path.to_path_buf() });
     }
     Err(HassError::InvalidArgument(format!(

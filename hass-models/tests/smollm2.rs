@@ -109,7 +109,7 @@ fn f16_weights_keep_the_greedy_tokens() {
 
 #[test]
 fn capital_of_france_is_paris_through_the_gguf_tokenizer() {
-    let loaded = load_model::<B>(ensure(Asset::SmolLm2).unwrap(), &Default::default()).unwrap();
+    let loaded = load_model::<B>(ensure(Asset::SmolLm2).unwrap(), &Default::default(), WeightDtype::F32).unwrap();
     for c in cases() {
         assert_eq!(loaded.tokenizer.encode(&c.text, false).unwrap(), c.ids, "{:?}", c.text);
     }

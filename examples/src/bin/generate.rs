@@ -17,7 +17,7 @@ use hass_core::sampling::SamplingParams;
 use hass_infer::{GenerationConfig, VanillaGenerator};
 use hass_models::assets::{ensure, Asset};
 use hass_models::backend::backend_name;
-use hass_models::{default_device, load_model, DefaultBackend};
+use hass_models::{default_device, load_model, DefaultBackend, WeightDtype};
 
 #[derive(Parser, Debug)]
 #[command(about = "Generate text with a LLaMA-family model (vanilla decoding)")]
@@ -47,6 +47,9 @@ struct Args {
     top_p: f32,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Storage dtype of the weight matrices (f16 halves the bytes read per token).
+    #[arg(long, default_value = "f16")]
+    dtype: WeightDtype,
 }
 
 fn main() -> Result<()> {
@@ -58,7 +61,7 @@ fn main() -> Result<()> {
     };
     let device = default_device();
     let t0 = std::time::Instant::now();
-    let loaded = load_model::<DefaultBackend>(&path, &device)
+    let loaded = load_model::<DefaultBackend>(&path, &device, args.dtype)
         .with_context(|| format!("loading {}", path.display()))?;
     eprintln!("loaded {} in {:.2} s on {}", path.display(), t0.elapsed().as_secs_f64(), backend_name());
 
