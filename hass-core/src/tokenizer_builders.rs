@@ -471,11 +471,10 @@ fn spm_merges(
         ) {
             continue;
         }
-        let mut local = Vec::new();
         for (split, _) in piece.char_indices().skip(1) {
             let (l, r) = (&piece[..split], &piece[split..]);
             if let (Some(&il), Some(&ir)) = (ids.get(l), ids.get(r)) {
-                local.push(Cand {
+                cands.push(Cand {
                     score: scores[id],
                     len_l: l.chars().count(),
                     len_r: r.chars().count(),
@@ -485,7 +484,6 @@ fn spm_merges(
                 });
             }
         }
-        cands.extend(local);
     }
     cands.sort_by(|a, b| {
         b.score

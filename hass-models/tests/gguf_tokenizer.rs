@@ -373,9 +373,7 @@ impl Gguf {
         out.extend(0u64.to_le_bytes());
         out.extend(self.n.to_le_bytes());
         out.extend(&self.kvs);
-        while out.len() % 32 != 0 {
-            out.push(0);
-        }
+        out.resize(out.len().div_ceil(32) * 32, 0);
         GgufFile::from_bytes(out, "test.gguf").unwrap()
     }
 }
