@@ -296,7 +296,7 @@ proptest! {
 /// Early finish keeps what exists and stays closed.
 #[test]
 fn early_finish() {
-    let params = TreeParams::new(20, 3, 2).unwrap();
+    let params = TreeParams::new(10, 3, 2).unwrap();
     let mut b = TreeBuilder::new(params, ROOT, &[tok(0), tok(1)], &[-0.1, -0.2]).unwrap();
     b.expand(&[tok(2), tok(3), tok(4), tok(5)], &[-0.1, -0.2, -0.3, -0.4])
         .unwrap();

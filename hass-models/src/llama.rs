@@ -456,7 +456,7 @@ impl<B: Backend> Llama<B> {
         let logits = match rows {
             LogitRows::None => None,
             LogitRows::All => Some(self.logits(features.clone())),
-            LogitRows::Last => Some(self.logits(features.clone().slice([t - 1..t]))),
+            LogitRows::Last => Some(self.logits(features.clone().slice([t - 1..t, 0..c.hidden_size]))),
             LogitRows::Rows(r) => {
                 let idx = Tensor::<B, 1, Int>::from_data(
                     TensorData::new(r.iter().map(|&i| i as i32).collect::<Vec<_>>(), [r.len()]),

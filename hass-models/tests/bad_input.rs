@@ -31,7 +31,7 @@ fn write_model(dir: &Path, tensors: &HashMap<String, (Dtype, Vec<usize>, Vec<u8>
 }
 
 fn load_err(dir: &Path) -> HassError {
-    load_hf_model::<B>(dir, &Default::default()).err().expect("loading must fail")
+    load_hf_model::<B>(dir, &Default::default()).expect_err("loading must fail")
 }
 
 #[test]
