@@ -346,7 +346,6 @@ impl TreeBuilder {
         }
         let mut order: Vec<usize> = (0..k * k).collect();
         order.sort_by(|&x, &y| cmp_rank((self.scores[base + x], x), (self.scores[base + y], y)));
-        if std::env::var("MUT").as_deref() == Ok("tie") { order.sort_by(|&x, &y| cmp_rank((self.scores[base + x], usize::MAX - x), (self.scores[base + y], usize::MAX - y))); }
         order.truncate(k);
 
         let old_cols = self.frontier_mask_cols();
@@ -420,7 +419,6 @@ impl TreeBuilder {
                 });
             }
         }
-        if std::env::var("MUT").as_deref() == Ok("plain") { let mut all: Vec<usize> = (0..n).collect(); all.sort_by(|&a, &b| cmp_rank((self.scores[a], a), (self.scores[b], b))); all.truncate(want); selected = all; }
         selected.sort_unstable();
         let mut node_of = vec![usize::MAX; n];
         for (i, &g) in selected.iter().enumerate() {
