@@ -136,7 +136,11 @@ impl Enumerator {
 
     /// Moves to the next outcome sequence; false when all were visited.
     fn advance(&mut self) -> bool {
-        assert_eq!(self.pos, self.script.len(), "run used fewer decisions than scripted");
+        assert_eq!(
+            self.pos,
+            self.script.len(),
+            "run used fewer decisions than scripted"
+        );
         while let (Some(c), Some(n)) = (self.script.pop(), self.counts.pop()) {
             if c + 1 < n {
                 self.script.push(c + 1);
@@ -218,7 +222,10 @@ fn assert_same(got: &HashMap<Vec<u32>, f64>, want: &HashMap<Vec<u32>, f64>, ctx:
     }
     for (s, &g) in got {
         if !want.contains_key(s) {
-            assert!(g.abs() < 1e-12, "{ctx}: P({s:?}) = {g} outside the target's support");
+            assert!(
+                g.abs() < 1e-12,
+                "{ctx}: P({s:?}) = {g} outside the target's support"
+            );
         }
     }
 }
@@ -298,7 +305,10 @@ fn sampling_exact_on_random_trees() {
         let want = target.joint(tree.tokens()[0], m);
         assert_same(&got, &want, &format!("case {case}, tree {tree:?}"));
     }
-    assert!(total_runs > 2000, "enumeration explored only {total_runs} runs");
+    assert!(
+        total_runs > 2000,
+        "enumeration explored only {total_runs} runs"
+    );
 }
 
 #[test]
@@ -359,9 +369,9 @@ fn sampling_exact_corner_trees() {
 
 /// 0.999 quantiles of χ²(df), df = 1..=30.
 const CHI2_999: [f64; 30] = [
-    10.828, 13.816, 16.266, 18.467, 20.515, 22.458, 24.322, 26.124, 27.877, 29.588, 31.264,
-    32.909, 34.528, 36.123, 37.697, 39.252, 40.790, 42.312, 43.820, 45.315, 46.797, 48.268,
-    49.728, 51.179, 52.620, 54.052, 55.476, 56.892, 58.301, 59.703,
+    10.828, 13.816, 16.266, 18.467, 20.515, 22.458, 24.322, 26.124, 27.877, 29.588, 31.264, 32.909,
+    34.528, 36.123, 37.697, 39.252, 40.790, 42.312, 43.820, 45.315, 46.797, 48.268, 49.728, 51.179,
+    52.620, 54.052, 55.476, 56.892, 58.301, 59.703,
 ];
 
 fn monte_carlo(tree: &DraftTree, target: &Target, m: usize, n: usize, seed: u64) {
@@ -379,9 +389,16 @@ fn monte_carlo(tree: &DraftTree, target: &Target, m: usize, n: usize, seed: u64)
         *counts.entry(prefix[1..=m].to_vec()).or_insert(0) += 1;
     }
     for s in counts.keys() {
-        assert!(want.get(s).copied().unwrap_or(0.0) > 0.0, "impossible sequence {s:?}");
+        assert!(
+            want.get(s).copied().unwrap_or(0.0) > 0.0,
+            "impossible sequence {s:?}"
+        );
     }
-    let cells: Vec<(&Vec<u32>, f64)> = want.iter().filter(|(_, &p)| p > 0.0).map(|(s, &p)| (s, p)).collect();
+    let cells: Vec<(&Vec<u32>, f64)> = want
+        .iter()
+        .filter(|(_, &p)| p > 0.0)
+        .map(|(s, &p)| (s, p))
+        .collect();
     let x2: f64 = cells
         .iter()
         .map(|(s, p)| {
@@ -393,7 +410,10 @@ fn monte_carlo(tree: &DraftTree, target: &Target, m: usize, n: usize, seed: u64)
     let df = cells.len() - 1;
     assert!((1..=30).contains(&df), "df = {df}");
     let limit = CHI2_999[df - 1];
-    assert!(x2 < limit, "χ² = {x2} ≥ {limit} (df {df}); counts {counts:?}");
+    assert!(
+        x2 < limit,
+        "χ² = {x2} ≥ {limit} (df {df}); counts {counts:?}"
+    );
 }
 
 #[test]
@@ -401,7 +421,16 @@ fn sampling_monte_carlo_chi_square() {
     // A 3-level tree over V = 3 with a duplicate sibling; 27 cells, df = 26.
     let tree = DraftTree::from_parents(
         vec![0, 1, 2, 1, 0, 2, 1, 0],
-        vec![None, Some(0), Some(0), Some(0), Some(1), Some(1), Some(4), Some(2)],
+        vec![
+            None,
+            Some(0),
+            Some(0),
+            Some(0),
+            Some(1),
+            Some(1),
+            Some(4),
+            Some(2),
+        ],
     )
     .unwrap();
     let target = Target {
@@ -436,7 +465,11 @@ fn brute_greedy(tree: &DraftTree, am: &[u32]) -> (Vec<usize>, u32) {
                 .all(|w| tree.tokens()[w[1]] == am[w[0]])
         })
         .collect();
-    let a = (0..n).filter(|&i| matched[i]).map(|i| tree.depths()[i]).max().unwrap();
+    let a = (0..n)
+        .filter(|&i| matched[i])
+        .map(|i| tree.depths()[i])
+        .max()
+        .unwrap();
     let leaves = tree.leaves();
     let first_leaf = |c: usize| {
         leaves
@@ -477,7 +510,11 @@ fn greedy_matches_brute_force() {
             .collect();
         let got = greedy_accept(&tree, &am).unwrap();
         let (path, bonus) = brute_greedy(&tree, &am);
-        assert_eq!((got.path.clone(), got.bonus), (path, bonus), "case {case}: {tree:?} {am:?}");
+        assert_eq!(
+            (got.path.clone(), got.bonus),
+            (path, bonus),
+            "case {case}: {tree:?} {am:?}"
+        );
         assert_eq!(got.num_accepted(), got.path.len() - 1);
         assert_eq!(got.last_node(), *got.path.last().unwrap());
     }

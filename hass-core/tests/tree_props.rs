@@ -102,7 +102,11 @@ fn grow(params: TreeParams, lp1: &[f32], lps: &[Vec<f32>]) -> (DraftTree, Model)
         assert_eq!(b.step(), i);
         assert_eq!(b.position_offset(), i);
         let front = &m.frontiers[i];
-        assert_eq!(b.frontier_indices(), front.as_slice(), "frontier at step {i}");
+        assert_eq!(
+            b.frontier_indices(),
+            front.as_slice(),
+            "frontier at step {i}"
+        );
         let want_toks: Vec<u32> = front.iter().map(|&g| tok(g)).collect();
         assert_eq!(b.frontier_tokens(), want_toks.as_slice());
         // Parent rows pick the previous step's output row of each node's parent.
@@ -154,7 +158,10 @@ fn check_structure(t: &DraftTree) {
         assert_eq!(t.depths()[i], t.depths()[p] + 1, "depth = parent depth + 1");
         assert!(t.children(p).contains(&i));
     }
-    assert_eq!(t.parent_pos(), (1..n).map(|i| t.parents()[i].unwrap()).collect::<Vec<_>>());
+    assert_eq!(
+        t.parent_pos(),
+        (1..n).map(|i| t.parents()[i].unwrap()).collect::<Vec<_>>()
+    );
     // Mask = ancestor closure, computed by walking parents.
     let mask = t.mask();
     assert_eq!(mask.len(), n * n);
@@ -186,7 +193,10 @@ fn check_structure(t: &DraftTree) {
             covered[x] = true;
         }
     }
-    assert!(covered.iter().all(|&c| c), "every node lies on a root→leaf path");
+    assert!(
+        covered.iter().all(|&c| c),
+        "every node lies on a root→leaf path"
+    );
     let ri = t.retrieve_indices();
     for (row, p) in ri.iter().zip(&paths) {
         assert_eq!(row.len(), t.max_depth() + 1);
@@ -200,8 +210,14 @@ fn check_structure(t: &DraftTree) {
 /// candidates' parents (so every selected node's ancestors are selected).
 fn check_against_model(t: &DraftTree, m: &Model) -> Vec<usize> {
     assert_eq!(t.tokens()[0], ROOT);
-    let gs: Vec<usize> = t.tokens()[1..].iter().map(|&x| (x - 1000) as usize).collect();
-    assert!(gs.windows(2).all(|w| w[0] < w[1]), "nodes sorted by global index");
+    let gs: Vec<usize> = t.tokens()[1..]
+        .iter()
+        .map(|&x| (x - 1000) as usize)
+        .collect();
+    assert!(
+        gs.windows(2).all(|w| w[0] < w[1]),
+        "nodes sorted by global index"
+    );
     for (i, &g) in gs.iter().enumerate() {
         let node = i + 1;
         match m.parent[g] {
@@ -243,11 +259,7 @@ type Case = (TreeParams, Vec<f32>, Vec<Vec<f32>>);
 fn case(lp: fn() -> BoxedStrategy<f32>) -> impl Strategy<Value = Case> {
     (1usize..=4, 1usize..=4).prop_flat_map(move |(k, d)| {
         let cands = k + d * k * k;
-        (
-            1usize..=cands,
-            vec(lp(), k),
-            vec(vec(lp(), k * k), d),
-        )
+        (1usize..=cands, vec(lp(), k), vec(vec(lp(), k * k), d))
             .prop_map(move |(t, lp1, lps)| (TreeParams::new(t, d, k).unwrap(), lp1, lps))
     })
 }
@@ -340,11 +352,20 @@ fn spec_mini_example() {
         .collect();
     assert_eq!(
         rows,
-        vec![vec![0], vec![0, 1], vec![0, 2], vec![0, 1, 3], vec![0, 1, 3, 4]]
+        vec![
+            vec![0],
+            vec![0, 1],
+            vec![0, 2],
+            vec![0, 1, 3],
+            vec![0, 1, 3, 4]
+        ]
     );
     assert_eq!(t.depths(), &[0, 1, 1, 2, 3]);
     assert_eq!(t.leaves(), vec![2, 4]);
-    assert_eq!(t.retrieve_indices(), vec![vec![0, 2, -1, -1], vec![0, 1, 3, 4]]);
+    assert_eq!(
+        t.retrieve_indices(),
+        vec![vec![0, 2, -1, -1], vec![0, 1, 3, 4]]
+    );
     assert_eq!(t.paths(), vec![vec![0, 2], vec![0, 1, 3, 4]]);
     assert_eq!(t.children(0), &[1, 2]);
     assert_eq!(t.children(1), &[3]);
@@ -359,7 +380,8 @@ fn zero_log_prob_ties_keep_parents() {
     // for total_tokens = 3 and the child g2 comes with its parent g0.
     let params = TreeParams::new(3, 1, 2).unwrap();
     let mut b = TreeBuilder::new(params, ROOT, &[tok(0), tok(1)], &[0.0, -0.0]).unwrap();
-    b.expand(&[tok(2), tok(3), tok(4), tok(5)], &[0.0; 4]).unwrap();
+    b.expand(&[tok(2), tok(3), tok(4), tok(5)], &[0.0; 4])
+        .unwrap();
     let t = b.finish();
     assert_eq!(t.tokens(), &[ROOT, tok(0), tok(1), tok(2)]);
     assert_eq!(t.parent_pos(), vec![0, 0, 1]);
