@@ -48,7 +48,15 @@ enum Command {
 
 fn main() -> Result<()> {
     match Cli::parse().command {
-        Command::Speed { model, prompt_tokens, decode_tokens, verify, repeats, dtype, json } => {
+        Command::Speed {
+            model,
+            prompt_tokens,
+            decode_tokens,
+            verify,
+            repeats,
+            dtype,
+            json,
+        } => {
             let path = match model {
                 Some(p) => p,
                 None => ensure(Asset::SmolLm2)?,
@@ -57,9 +65,18 @@ fn main() -> Result<()> {
             let loaded = load_model::<DefaultBackend>(&path, &default_device(), dtype)
                 .with_context(|| format!("loading {}", path.display()))?;
             let load_s = t.elapsed().as_secs_f64();
-            let opts = SpeedOptions { prompt_tokens, decode_tokens, verify_sizes: verify, repeats };
+            let opts = SpeedOptions {
+                prompt_tokens,
+                decode_tokens,
+                verify_sizes: verify,
+                repeats,
+            };
             let report = run_speed(&loaded.model, load_s, &opts)?;
-            println!("model: {}\nbackend: {}\nweights: {dtype:?}\n", path.display(), backend_name());
+            println!(
+                "model: {}\nbackend: {}\nweights: {dtype:?}\n",
+                path.display(),
+                backend_name()
+            );
             println!("{}", report.to_markdown());
             if let Some(p) = json {
                 std::fs::write(&p, serde_json::to_string_pretty(&report)?)

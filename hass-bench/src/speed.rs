@@ -68,7 +68,11 @@ fn median(mut xs: Vec<Duration>) -> Duration {
 }
 
 /// Runs the benchmark on a loaded model (`load_s` is measured by the caller).
-pub fn run_speed<B: Backend>(model: &Llama<B>, load_s: f64, opts: &SpeedOptions) -> Result<SpeedReport> {
+pub fn run_speed<B: Backend>(
+    model: &Llama<B>,
+    load_s: f64,
+    opts: &SpeedOptions,
+) -> Result<SpeedReport> {
     let vocab = model.config().vocab_size;
     let prompt = synthetic_tokens(opts.prompt_tokens, vocab);
 
@@ -80,7 +84,14 @@ pub fn run_speed<B: Backend>(model: &Llama<B>, load_s: f64, opts: &SpeedOptions)
         ..Default::default()
     };
     // Warm-up run (page in the weights, size the allocator), then the measured one.
-    gen.generate(&prompt[..opts.prompt_tokens.min(32)], &GenerationConfig { max_new_tokens: 4, ..cfg.clone() }, |_| true)?;
+    gen.generate(
+        &prompt[..opts.prompt_tokens.min(32)],
+        &GenerationConfig {
+            max_new_tokens: 4,
+            ..cfg.clone()
+        },
+        |_| true,
+    )?;
     let out = gen.generate(&prompt, &cfg, |_| true)?;
 
     let max_m = opts.verify_sizes.iter().copied().max().unwrap_or(1);
@@ -104,7 +115,11 @@ pub fn run_speed<B: Backend>(model: &Llama<B>, load_s: f64, opts: &SpeedOptions)
         times.remove(0); // warm-up
         let ms = median(times).as_secs_f64() * 1e3;
         let base = *one_ms.get_or_insert(ms);
-        verify.push(VerifyPoint { new_tokens: m, median_ms: ms, ratio_to_one: ms / base });
+        verify.push(VerifyPoint {
+            new_tokens: m,
+            median_ms: ms,
+            ratio_to_one: ms / base,
+        });
     }
 
     let bw = copy_bandwidth();
@@ -135,16 +150,28 @@ impl SpeedReport {
         if let Some(r) = self.peak_rss_mb {
             s += &format!("| peak RSS | {r:.0} MB |\n");
         }
-        s += &format!("| prefill ({} tokens) | {:.1} tokens/s |\n", self.prefill_tokens, self.prefill_tokens_per_s);
-        s += &format!("| decode ({} tokens) | {:.1} tokens/s |\n", self.decode_tokens, self.decode_tokens_per_s);
+        s += &format!(
+            "| prefill ({} tokens) | {:.1} tokens/s |\n",
+            self.prefill_tokens, self.prefill_tokens_per_s
+        );
+        s += &format!(
+            "| decode ({} tokens) | {:.1} tokens/s |\n",
+            self.decode_tokens, self.decode_tokens_per_s
+        );
         s += &format!(
             "| roofline | {:.1} tokens/s ({:.0} MB of weights per token at {:.1} GB/s copy bandwidth) |\n",
             self.roofline_tokens_per_s, self.weight_mb_per_token, self.copy_bandwidth_gb_s
         );
-        s += &format!("| decode / roofline | {:.0}% |\n\n", self.roofline_fraction * 100.0);
+        s += &format!(
+            "| decode / roofline | {:.0}% |\n\n",
+            self.roofline_fraction * 100.0
+        );
         s += "| new tokens M (on a cache of the prompt) | forward ms | × 1-token |\n| --- | --- | --- |\n";
         for p in &self.verify {
-            s += &format!("| {} | {:.2} | {:.2} |\n", p.new_tokens, p.median_ms, p.ratio_to_one);
+            s += &format!(
+                "| {} | {:.2} | {:.2} |\n",
+                p.new_tokens, p.median_ms, p.ratio_to_one
+            );
         }
         s
     }

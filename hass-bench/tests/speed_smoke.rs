@@ -10,13 +10,24 @@ use hass_models::load_hf_model;
 fn speed_report_is_complete_and_consistent() {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models/llama3");
     let model = load_hf_model::<burn::backend::Flex>(dir, &Default::default()).unwrap();
-    let opts = SpeedOptions { prompt_tokens: 32, decode_tokens: 8, verify_sizes: vec![1, 4], repeats: 2 };
+    let opts = SpeedOptions {
+        prompt_tokens: 32,
+        decode_tokens: 8,
+        verify_sizes: vec![1, 4],
+        repeats: 2,
+    };
     let r = run_speed(&model, 0.0, &opts).unwrap();
     assert_eq!((r.prefill_tokens, r.decode_tokens), (32, 8));
     assert!(r.prefill_tokens_per_s > 0.0 && r.decode_tokens_per_s > 0.0);
     assert!(r.copy_bandwidth_gb_s > 0.0 && r.roofline_tokens_per_s > 0.0);
-    assert_eq!(r.verify.iter().map(|p| p.new_tokens).collect::<Vec<_>>(), vec![1, 4]);
+    assert_eq!(
+        r.verify.iter().map(|p| p.new_tokens).collect::<Vec<_>>(),
+        vec![1, 4]
+    );
     assert_eq!(r.verify[0].ratio_to_one, 1.0);
     let md = r.to_markdown();
-    assert!(md.contains("decode / roofline") && md.contains("| 4 |"), "{md}");
+    assert!(
+        md.contains("decode / roofline") && md.contains("| 4 |"),
+        "{md}"
+    );
 }

@@ -131,12 +131,14 @@ impl RopeScaling {
                 high_freq_factor: num("high_freq_factor")?,
                 original_max_position_embeddings: num("original_max_position_embeddings")? as usize,
             }),
-            other => return Err(HassError::config(
-                ctx,
-                format!(
+            other => {
+                return Err(HassError::config(
+                    ctx,
+                    format!(
                     "unsupported rope scaling type `{other}` (supported: linear, dynamic, llama3)"
                 ),
-            )),
+                ))
+            }
         })
     }
 }

@@ -31,7 +31,9 @@ impl GenerationConfig {
     pub fn validate(&self) -> Result<()> {
         self.sampling.validate()?;
         if self.max_new_tokens == 0 {
-            return Err(HassError::InvalidArgument("max_new_tokens must be at least 1".into()));
+            return Err(HassError::InvalidArgument(
+                "max_new_tokens must be at least 1".into(),
+            ));
         }
         Ok(())
     }

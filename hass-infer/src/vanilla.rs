@@ -55,7 +55,9 @@ impl<'a, B: Backend> VanillaGenerator<'a, B> {
 
         let start = Instant::now();
         let positions: Vec<usize> = (0..prompt.len()).collect();
-        let out = self.target.forward(prompt, &positions, &mut cache, None, LogitRows::Last)?;
+        let out = self
+            .target
+            .forward(prompt, &positions, &mut cache, None, LogitRows::Last)?;
         let mut token = sampler.next_token(&logits_row(out.logits.expect("requested"))?);
         let prefill_time = start.elapsed();
 
@@ -76,7 +78,9 @@ impl<'a, B: Backend> VanillaGenerator<'a, B> {
                 break StopReason::ContextLimit;
             }
             let pos = cache.len();
-            let out = self.target.forward(&[token], &[pos], &mut cache, None, LogitRows::Last)?;
+            let out = self
+                .target
+                .forward(&[token], &[pos], &mut cache, None, LogitRows::Last)?;
             token = sampler.next_token(&logits_row(out.logits.expect("requested"))?);
         };
         let stats = GenerationStats {

@@ -60,7 +60,11 @@ pub fn ensure(asset: Asset) -> Result<PathBuf> {
         return Ok(path);
     }
     let script = repo_root().join("scripts/fetch_assets.sh");
-    eprintln!("{} is not cached; fetching it with {} ...", asset.file_name(), script.display());
+    eprintln!(
+        "{} is not cached; fetching it with {} ...",
+        asset.file_name(),
+        script.display()
+    );
     let status = Command::new("bash")
         .arg(&script)
         .arg(asset.script_name())

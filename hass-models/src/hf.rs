@@ -15,10 +15,16 @@ pub fn read_hf_config(dir: &Path) -> Result<ModelConfig> {
     let gen = dir.join("generation_config.json");
     if gen.exists() {
         let text = std::fs::read_to_string(&gen).map_err(|e| HassError::io(&gen, e))?;
-        let json: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| HassError::Json { path: gen.clone(), source: e })?;
+        let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| HassError::Json {
+            path: gen.clone(),
+            source: e,
+        })?;
         let ids: Vec<u32> = match json.get("eos_token_id") {
-            Some(serde_json::Value::Array(a)) => a.iter().filter_map(|v| v.as_u64()).map(|v| v as u32).collect(),
+            Some(serde_json::Value::Array(a)) => a
+                .iter()
+                .filter_map(|v| v.as_u64())
+                .map(|v| v as u32)
+                .collect(),
             Some(v) => v.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
             None => vec![],
         };

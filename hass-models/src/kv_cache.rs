@@ -120,7 +120,10 @@ impl<B: Backend> KvCache<B> {
         if !contiguous {
             let device = self.keys[0].device();
             let idx = Tensor::<B, 1, Int>::from_data(
-                TensorData::new(src.iter().map(|&s| s as i32).collect::<Vec<_>>(), [src.len()]),
+                TensorData::new(
+                    src.iter().map(|&s| s as i32).collect::<Vec<_>>(),
+                    [src.len()],
+                ),
                 &device,
             );
             for buf in self.keys.iter_mut().chain(self.values.iter_mut()) {

@@ -11,8 +11,8 @@
 //! HF `[vocab, hidden]` layout for the embedding/LM head (used as `h · Eᵀ`).
 
 use burn::prelude::*;
-use burn::tensor::DType;
 use burn::tensor::activation::{silu, softmax};
+use burn::tensor::DType;
 use hass_core::config::ModelConfig;
 use hass_core::{HassError, Result};
 
@@ -34,7 +34,9 @@ impl std::str::FromStr for WeightDtype {
         match s {
             "f32" => Ok(WeightDtype::F32),
             "f16" => Ok(WeightDtype::F16),
-            other => Err(HassError::InvalidArgument(format!("weight dtype `{other}` (use f32 or f16)"))),
+            other => Err(HassError::InvalidArgument(format!(
+                "weight dtype `{other}` (use f32 or f16)"
+            ))),
         }
     }
 }
@@ -122,10 +124,13 @@ struct Loader<'a> {
 
 impl Loader<'_> {
     fn read(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
-        let found = self.source.shape(name).ok_or_else(|| HassError::MissingTensor {
-            file: self.source.describe(),
-            name: name.to_string(),
-        })?;
+        let found = self
+            .source
+            .shape(name)
+            .ok_or_else(|| HassError::MissingTensor {
+                file: self.source.describe(),
+                name: name.to_string(),
+            })?;
         if found != shape {
             return Err(HassError::ShapeMismatch {
                 file: self.source.describe(),
@@ -138,14 +143,20 @@ impl Loader<'_> {
         if data.len() != shape.iter().product::<usize>() {
             return Err(HassError::malformed(
                 self.source.describe(),
-                format!("tensor `{name}` holds {} values for shape {shape:?}", data.len()),
+                format!(
+                    "tensor `{name}` holds {} values for shape {shape:?}",
+                    data.len()
+                ),
             ));
         }
         Ok(data)
     }
 
     fn vector<B: Backend>(&self, name: &str, len: usize, dev: &B::Device) -> Result<Tensor<B, 1>> {
-        Ok(Tensor::from_data(TensorData::new(self.read(name, &[len])?, [len]), dev))
+        Ok(Tensor::from_data(
+            TensorData::new(self.read(name, &[len])?, [len]),
+            dev,
+        ))
     }
 
     /// Reads HF `[out, in]` matrices with the same `in` and returns them transposed and
@@ -168,10 +179,17 @@ impl Loader<'_> {
             }
             col0 += d_out;
         }
-        Ok(Tensor::from_data(TensorData::new(out, [d_in, total]), (dev, self.dtype)))
+        Ok(Tensor::from_data(
+            TensorData::new(out, [d_in, total]),
+            (dev, self.dtype),
+        ))
     }
 
-    fn fused_bias<B: Backend>(&self, names: &[(&str, usize)], dev: &B::Device) -> Result<Tensor<B, 1>> {
+    fn fused_bias<B: Backend>(
+        &self,
+        names: &[(&str, usize)],
+        dev: &B::Device,
+    ) -> Result<Tensor<B, 1>> {
         let mut out = Vec::new();
         for &(name, len) in names {
             out.extend(self.read(name, &[len])?);
@@ -197,7 +215,11 @@ fn rope<B: Backend>(x: Tensor<B, 4>, cos: &Tensor<B, 4>, sin: &Tensor<B, 4>) -> 
 impl<B: Backend> Llama<B> {
     /// Builds the model from `source`, checking every tensor's presence and shape and
     /// rejecting tensors the model would silently ignore.
-    pub fn load(source: &dyn WeightSource, config: ModelConfig, device: &B::Device) -> Result<Self> {
+    pub fn load(
+        source: &dyn WeightSource,
+        config: ModelConfig,
+        device: &B::Device,
+    ) -> Result<Self> {
         Self::load_with_dtype(source, config, device, WeightDtype::F32)
     }
 
@@ -219,10 +241,17 @@ impl<B: Backend> Llama<B> {
             c.intermediate_size,
             c.vocab_size,
         );
-        let ld = Loader { source, dtype: dtype.dtype() };
-        let mut expected: Vec<String> = vec!["model.embed_tokens.weight".into(), "model.norm.weight".into()];
+        let ld = Loader {
+            source,
+            dtype: dtype.dtype(),
+        };
+        let mut expected: Vec<String> = vec![
+            "model.embed_tokens.weight".into(),
+            "model.norm.weight".into(),
+        ];
         let embed_data = ld.read("model.embed_tokens.weight", &[v, h])?;
-        let embed = Tensor::<B, 2>::from_data(TensorData::new(embed_data, [v, h]), (device, ld.dtype));
+        let embed =
+            Tensor::<B, 2>::from_data(TensorData::new(embed_data, [v, h]), (device, ld.dtype));
         let has_head = source.shape("lm_head.weight").is_some();
         let lm_head = if c.tie_word_embeddings || !has_head {
             if !c.tie_word_embeddings {
@@ -237,7 +266,10 @@ impl<B: Backend> Llama<B> {
             embed.clone()
         } else {
             expected.push("lm_head.weight".into());
-            Tensor::from_data(TensorData::new(ld.read("lm_head.weight", &[v, h])?, [v, h]), (device, ld.dtype))
+            Tensor::from_data(
+                TensorData::new(ld.read("lm_head.weight", &[v, h])?, [v, h]),
+                (device, ld.dtype),
+            )
         };
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for l in 0..c.num_hidden_layers {
@@ -329,10 +361,11 @@ impl<B: Backend> Llama<B> {
     /// counts once more because the step reads it as the head).
     pub fn weight_bytes_per_token(&self) -> usize {
         let c = &self.config;
-        let per_layer = c.hidden_size * (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim
-            + c.num_attention_heads * c.head_dim * c.hidden_size
-            + 3 * c.hidden_size * c.intermediate_size
-            + 2 * c.hidden_size;
+        let per_layer =
+            c.hidden_size * (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim
+                + c.num_attention_heads * c.head_dim * c.hidden_size
+                + 3 * c.hidden_size * c.intermediate_size
+                + 2 * c.hidden_size;
         let params = c.num_hidden_layers * per_layer + c.vocab_size * c.hidden_size + c.hidden_size;
         params * self.embed.dtype().size()
     }
@@ -340,7 +373,13 @@ impl<B: Backend> Llama<B> {
     /// Allocates a KV cache for this model with room for `capacity` positions.
     pub fn new_cache(&self, capacity: usize) -> KvCache<B> {
         let c = &self.config;
-        KvCache::new(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, capacity, &self.device)
+        KvCache::new(
+            c.num_hidden_layers,
+            c.num_key_value_heads,
+            c.head_dim,
+            capacity,
+            &self.device,
+        )
     }
 
     /// Logits `[rows, vocab]` of features `[rows, hidden]`.
@@ -365,7 +404,9 @@ impl<B: Backend> Llama<B> {
         let c = &self.config;
         let t = tokens.len();
         if t == 0 {
-            return Err(HassError::InvalidArgument("forward over zero tokens".into()));
+            return Err(HassError::InvalidArgument(
+                "forward over zero tokens".into(),
+            ));
         }
         if positions.len() != t {
             return Err(HassError::InvalidArgument(format!(
@@ -390,11 +431,18 @@ impl<B: Backend> Llama<B> {
         }
         if let LogitRows::Rows(r) = &rows {
             if let Some(&bad) = r.iter().find(|&&i| i >= t) {
-                return Err(HassError::InvalidArgument(format!("logit row {bad} of {t}")));
+                return Err(HassError::InvalidArgument(format!(
+                    "logit row {bad} of {t}"
+                )));
             }
         }
         cache.check_room(t)?;
-        let (nh, nkv, hd, rep) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.kv_groups());
+        let (nh, nkv, hd, rep) = (
+            c.num_attention_heads,
+            c.num_key_value_heads,
+            c.head_dim,
+            c.kv_groups(),
+        );
         let dev = &self.device;
         let past = cache.len();
         let total = past + t;
@@ -456,7 +504,9 @@ impl<B: Backend> Llama<B> {
         let logits = match rows {
             LogitRows::None => None,
             LogitRows::All => Some(self.logits(features.clone())),
-            LogitRows::Last => Some(self.logits(features.clone().slice([t - 1..t, 0..c.hidden_size]))),
+            LogitRows::Last => {
+                Some(self.logits(features.clone().slice([t - 1..t, 0..c.hidden_size])))
+            }
             LogitRows::Rows(r) => {
                 let idx = Tensor::<B, 1, Int>::from_data(
                     TensorData::new(r.iter().map(|&i| i as i32).collect::<Vec<_>>(), [r.len()]),
@@ -470,7 +520,13 @@ impl<B: Backend> Llama<B> {
 
     /// Boolean mask `[1, 1, rep·t, past + t]`, true where attention is forbidden, or
     /// `None` when nothing is masked (a single new token without a tree).
-    fn attention_mask(&self, t: usize, past: usize, tree: Option<&[bool]>, rep: usize) -> Option<Tensor<B, 4, Bool>> {
+    fn attention_mask(
+        &self,
+        t: usize,
+        past: usize,
+        tree: Option<&[bool]>,
+        rep: usize,
+    ) -> Option<Tensor<B, 4, Bool>> {
         if t == 1 && tree.is_none() {
             return None;
         }
@@ -490,6 +546,9 @@ impl<B: Backend> Llama<B> {
         }
         // Rows are (group member r, token i): repeat the t×total block rep times.
         let data: Vec<bool> = (0..rep).flat_map(|_| row_masks.iter().copied()).collect();
-        Some(Tensor::from_data(TensorData::new(data, [1, 1, rep * t, total]), &self.device))
+        Some(Tensor::from_data(
+            TensorData::new(data, [1, 1, rep * t, total]),
+            &self.device,
+        ))
     }
 }

@@ -11,8 +11,8 @@ use hass_core::{HassError, Result};
 use crate::gguf::GgufWeights;
 use crate::gguf_tokenizer::{chat_template_from_gguf, tokenizer_from_gguf};
 use crate::hf::read_hf_config;
-use crate::safetensors_dir::SafetensorsDir;
 use crate::llama::{Llama, WeightDtype};
+use crate::safetensors_dir::SafetensorsDir;
 
 /// A target model with what is needed to talk to it.
 pub struct LoadedModel<B: Backend> {
@@ -42,7 +42,12 @@ pub fn load_model<B: Backend>(
             None
         };
         let chat_template = template.unwrap_or_else(|| ChatTemplate::guess_builtin_for(&tokenizer));
-        return Ok(LoadedModel { model, tokenizer, chat_template, path: path.to_path_buf() });
+        return Ok(LoadedModel {
+            model,
+            tokenizer,
+            chat_template,
+            path: path.to_path_buf(),
+        });
     }
     if path.extension().is_some_and(|e| e == "gguf") {
         let weights = GgufWeights::open(path)?;
@@ -50,7 +55,11 @@ pub fn load_model<B: Backend>(
         let chat_template = match chat_template_from_gguf(weights.file()) {
             Some(src) => {
                 let token = |key: &str| {
-                    weights.file().get_u32(key).ok().and_then(|id| tokenizer.id_to_token(id))
+                    weights
+                        .file()
+                        .get_u32(key)
+                        .ok()
+                        .and_then(|id| tokenizer.id_to_token(id))
                 };
                 let bos = token("tokenizer.ggml.bos_token_id");
                 let eos = token("tokenizer.ggml.eos_token_id");
@@ -60,7 +69,12 @@ pub fn load_model<B: Backend>(
         };
         let config = weights.config().clone();
         let model = Llama::load_with_dtype(&weights, config, device, dtype)?;
-        return Ok(LoadedModel { model, tokenizer, chat_template, path: path.to_path_buf() });
+        return Ok(LoadedModel {
+            model,
+            tokenizer,
+            chat_template,
+            path: path.to_path_buf(),
+        });
     }
     Err(HassError::InvalidArgument(format!(
         "{}: expected a Hugging Face model directory or a .gguf file",

@@ -88,10 +88,12 @@ impl SafetensorsDir {
     }
 
     fn entry(&self, name: &str) -> Result<&Entry> {
-        self.entries.get(name).ok_or_else(|| HassError::MissingTensor {
-            file: self.describe(),
-            name: name.to_string(),
-        })
+        self.entries
+            .get(name)
+            .ok_or_else(|| HassError::MissingTensor {
+                file: self.describe(),
+                name: name.to_string(),
+            })
     }
 }
 

@@ -15,13 +15,19 @@ fn compacting_a_tree_path_equals_decoding_that_path() {
     let p = prefix.len();
     let tree = exp.ids("tree.input_ids");
     let parents = exp.i64("tree.parents");
-    let positions: Vec<usize> = exp.i64("tree.positions").into_iter().map(|x| x as usize).collect();
+    let positions: Vec<usize> = exp
+        .i64("tree.positions")
+        .into_iter()
+        .map(|x| x as usize)
+        .collect();
     let mask: Vec<bool> = exp.i64("tree.mask").into_iter().map(|v| v != 0).collect();
 
     let mut cache = m.new_cache(32);
     let pre_pos: Vec<usize> = (0..p).collect();
-    m.forward(&prefix, &pre_pos, &mut cache, None, LogitRows::None).unwrap();
-    m.forward(&tree, &positions, &mut cache, Some(&mask), LogitRows::None).unwrap();
+    m.forward(&prefix, &pre_pos, &mut cache, None, LogitRows::None)
+        .unwrap();
+    m.forward(&tree, &positions, &mut cache, Some(&mask), LogitRows::None)
+        .unwrap();
     // Accept the path root -> 1 -> 3 -> 5 (node 5's parent chain).
     let mut path = vec![5usize];
     while parents[*path.last().unwrap()] >= 0 {
@@ -33,15 +39,22 @@ fn compacting_a_tree_path_equals_decoding_that_path() {
     cache.compact(&slots, p).unwrap();
     assert_eq!(cache.len(), p + path.len());
     let next = 42u32;
-    let got = m.forward(&[next], &[cache.len()], &mut cache, None, LogitRows::Last).unwrap();
+    let got = m
+        .forward(&[next], &[cache.len()], &mut cache, None, LogitRows::Last)
+        .unwrap();
 
     let mut seq = prefix.clone();
     seq.extend(path.iter().map(|&i| tree[i]));
     seq.push(next);
     let pos: Vec<usize> = (0..seq.len()).collect();
-    let want = m.forward(&seq, &pos, &mut m.new_cache(32), None, LogitRows::Last).unwrap();
+    let want = m
+        .forward(&seq, &pos, &mut m.new_cache(32), None, LogitRows::Last)
+        .unwrap();
     let d = max_abs_diff(&to_vec(got.logits.unwrap()), &to_vec(want.logits.unwrap()));
-    assert!(d < 1e-4, "compacted cache differs from recomputation by {d:e}");
+    assert!(
+        d < 1e-4,
+        "compacted cache differs from recomputation by {d:e}"
+    );
 }
 
 #[test]
@@ -51,13 +64,18 @@ fn truncation_drops_the_tail() {
     let ids: Vec<u32> = (20..30).collect();
     let pos: Vec<usize> = (0..10).collect();
     let mut cache = m.new_cache(16);
-    m.forward(&ids, &pos, &mut cache, None, LogitRows::None).unwrap();
+    m.forward(&ids, &pos, &mut cache, None, LogitRows::None)
+        .unwrap();
     cache.truncate(6);
-    let got = m.forward(&[99], &[6], &mut cache, None, LogitRows::Last).unwrap();
+    let got = m
+        .forward(&[99], &[6], &mut cache, None, LogitRows::Last)
+        .unwrap();
     let mut seq = ids[..6].to_vec();
     seq.push(99);
     let pos: Vec<usize> = (0..7).collect();
-    let want = m.forward(&seq, &pos, &mut m.new_cache(16), None, LogitRows::Last).unwrap();
+    let want = m
+        .forward(&seq, &pos, &mut m.new_cache(16), None, LogitRows::Last)
+        .unwrap();
     let d = max_abs_diff(&to_vec(got.logits.unwrap()), &to_vec(want.logits.unwrap()));
     assert!(d < 1e-4, "{d:e}");
 }
@@ -67,7 +85,15 @@ fn a_full_cache_is_an_error_not_a_panic() {
     let dev = Default::default();
     let m = load_hf_model::<B>(fixture_dir("llama2"), &dev).unwrap();
     let mut cache = m.new_cache(4);
-    let err = m.forward(&[1, 2, 3, 4, 5], &[0, 1, 2, 3, 4], &mut cache, None, LogitRows::Last).unwrap_err();
+    let err = m
+        .forward(
+            &[1, 2, 3, 4, 5],
+            &[0, 1, 2, 3, 4],
+            &mut cache,
+            None,
+            LogitRows::Last,
+        )
+        .unwrap_err();
     assert!(err.to_string().contains("context"), "{err}");
     assert!(cache.compact(&[9], 0).is_err());
 }

@@ -19,13 +19,24 @@ fn qwen_coder_completes_fibonacci_sensibly() {
             "{} is missing and HASS_REQUIRE_ASSETS=1",
             path.display()
         );
-        println!("SKIPPED: {} is not cached (scripts/fetch_assets.sh qwen-coder)", path.display());
+        println!(
+            "SKIPPED: {} is not cached (scripts/fetch_assets.sh qwen-coder)",
+            path.display()
+        );
         return;
     }
     let loaded = load_model::<B>(&path, &Default::default(), WeightDtype::F16).unwrap();
     let c = loaded.model.config();
     assert_eq!(c.architecture, Architecture::Qwen2);
-    assert_eq!((c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads), (24, 896, 14, 2));
+    assert_eq!(
+        (
+            c.num_hidden_layers,
+            c.hidden_size,
+            c.num_attention_heads,
+            c.num_key_value_heads
+        ),
+        (24, 896, 14, 2)
+    );
     assert!(c.attention_bias && !c.tie_word_embeddings);
 
     let m = &loaded.model;
@@ -33,17 +44,30 @@ fn qwen_coder_completes_fibonacci_sensibly() {
     let n = 64;
     let mut cache = m.new_cache(prompt.len() + n);
     let pos: Vec<usize> = (0..prompt.len()).collect();
-    let mut logits = m.forward(&prompt, &pos, &mut cache, None, LogitRows::Last).unwrap().logits.unwrap();
+    let mut logits = m
+        .forward(&prompt, &pos, &mut cache, None, LogitRows::Last)
+        .unwrap()
+        .logits
+        .unwrap();
     let mut out = Vec::new();
     for _ in 0..n {
         let t = hass_core::sampling::argmax(&to_vec(logits));
         out.push(t);
         let p = cache.len();
-        logits = m.forward(&[t], &[p], &mut cache, None, LogitRows::Last).unwrap().logits.unwrap();
+        logits = m
+            .forward(&[t], &[p], &mut cache, None, LogitRows::Last)
+            .unwrap()
+            .logits
+            .unwrap();
     }
     let text = loaded.tokenizer.decode(&out, true).unwrap();
     println!("def fibonacci(n):{text}");
     assert!(text.contains("return"), "no return statement in {text:?}");
-    assert!(text.contains("fibonacci(n - 1)") || text.contains("fibonacci(n-1)") || text.contains("a + b") || text.contains("a, b"),
-        "no recursion or iteration in {text:?}");
+    assert!(
+        text.contains("fibonacci(n - 1)")
+            || text.contains("fibonacci(n-1)")
+            || text.contains("a + b")
+            || text.contains("a, b"),
+        "no recursion or iteration in {text:?}"
+    );
 }

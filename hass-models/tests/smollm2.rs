@@ -21,8 +21,20 @@ struct Case {
 fn cases() -> Vec<Case> {
     let path = fixture_dir("../smollm2").join("reference.json");
     let json: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    let ids = |v: &Value| v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect::<Vec<_>>();
-    let floats = |v: &Value| v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect::<Vec<_>>();
+    let ids = |v: &Value| {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect::<Vec<_>>()
+    };
+    let floats = |v: &Value| {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap() as f32)
+            .collect::<Vec<_>>()
+    };
     json["cases"]
         .as_array()
         .unwrap()
@@ -31,7 +43,12 @@ fn cases() -> Vec<Case> {
             text: c["text"].as_str().unwrap().to_string(),
             ids: ids(&c["ids"]),
             top_ids: c["top_ids"].as_array().unwrap().iter().map(ids).collect(),
-            top_logits: c["top_logits"].as_array().unwrap().iter().map(floats).collect(),
+            top_logits: c["top_logits"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(floats)
+                .collect(),
             greedy: ids(&c["greedy"]),
         })
         .collect()
@@ -44,19 +61,32 @@ fn model(dtype: WeightDtype) -> Llama<B> {
 
 fn all_logits(m: &Llama<B>, ids: &[u32]) -> Vec<f32> {
     let pos: Vec<usize> = (0..ids.len()).collect();
-    to_vec(m.forward(ids, &pos, &mut m.new_cache(ids.len()), None, LogitRows::All).unwrap().logits.unwrap())
+    to_vec(
+        m.forward(ids, &pos, &mut m.new_cache(ids.len()), None, LogitRows::All)
+            .unwrap()
+            .logits
+            .unwrap(),
+    )
 }
 
 fn greedy(m: &Llama<B>, ids: &[u32], n: usize) -> Vec<u32> {
     let mut cache = m.new_cache(ids.len() + n);
     let pos: Vec<usize> = (0..ids.len()).collect();
     let mut out = Vec::new();
-    let mut logits = m.forward(ids, &pos, &mut cache, None, LogitRows::Last).unwrap().logits.unwrap();
+    let mut logits = m
+        .forward(ids, &pos, &mut cache, None, LogitRows::Last)
+        .unwrap()
+        .logits
+        .unwrap();
     for _ in 0..n {
         let t = hass_core::sampling::argmax(&to_vec(logits));
         out.push(t);
         let p = cache.len();
-        logits = m.forward(&[t], &[p], &mut cache, None, LogitRows::Last).unwrap().logits.unwrap();
+        logits = m
+            .forward(&[t], &[p], &mut cache, None, LogitRows::Last)
+            .unwrap()
+            .logits
+            .unwrap();
     }
     out
 }
@@ -79,10 +109,19 @@ fn config_matches_the_published_architecture() {
     let w = GgufWeights::open(ensure(Asset::SmolLm2).unwrap()).unwrap();
     let c = w.config();
     assert_eq!(
-        (c.num_hidden_layers, c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads),
+        (
+            c.num_hidden_layers,
+            c.hidden_size,
+            c.intermediate_size,
+            c.num_attention_heads,
+            c.num_key_value_heads
+        ),
         (30, 576, 1536, 9, 3)
     );
-    assert_eq!((c.vocab_size, c.rope_theta, c.tie_word_embeddings), (49152, 100000.0, true));
+    assert_eq!(
+        (c.vocab_size, c.rope_theta, c.tie_word_embeddings),
+        (49152, 100000.0, true)
+    );
 }
 
 #[test]
@@ -109,11 +148,24 @@ fn f16_weights_keep_the_greedy_tokens() {
 
 #[test]
 fn capital_of_france_is_paris_through_the_gguf_tokenizer() {
-    let loaded = load_model::<B>(ensure(Asset::SmolLm2).unwrap(), &Default::default(), WeightDtype::F32).unwrap();
+    let loaded = load_model::<B>(
+        ensure(Asset::SmolLm2).unwrap(),
+        &Default::default(),
+        WeightDtype::F32,
+    )
+    .unwrap();
     for c in cases() {
-        assert_eq!(loaded.tokenizer.encode(&c.text, false).unwrap(), c.ids, "{:?}", c.text);
+        assert_eq!(
+            loaded.tokenizer.encode(&c.text, false).unwrap(),
+            c.ids,
+            "{:?}",
+            c.text
+        );
     }
-    let ids = loaded.tokenizer.encode("The capital of France is", false).unwrap();
+    let ids = loaded
+        .tokenizer
+        .encode("The capital of France is", false)
+        .unwrap();
     let next = greedy(&loaded.model, &ids, 1);
     assert_eq!(loaded.tokenizer.decode(&next, true).unwrap(), " Paris");
 }

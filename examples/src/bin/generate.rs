@@ -63,7 +63,12 @@ fn main() -> Result<()> {
     let t0 = std::time::Instant::now();
     let loaded = load_model::<DefaultBackend>(&path, &device, args.dtype)
         .with_context(|| format!("loading {}", path.display()))?;
-    eprintln!("loaded {} in {:.2} s on {}", path.display(), t0.elapsed().as_secs_f64(), backend_name());
+    eprintln!(
+        "loaded {} in {:.2} s on {}",
+        path.display(),
+        t0.elapsed().as_secs_f64(),
+        backend_name()
+    );
 
     let prompt_ids = match (&args.prompt, &args.chat) {
         (Some(p), None) => loaded.tokenizer.encode(p, true)?,
@@ -78,7 +83,11 @@ fn main() -> Result<()> {
         }
         _ => bail!("give --prompt TEXT or --chat MESSAGE"),
     };
-    let config = GenerationConfig { max_new_tokens: args.max_new_tokens, sampling, stop_tokens: vec![] };
+    let config = GenerationConfig {
+        max_new_tokens: args.max_new_tokens,
+        sampling,
+        stop_tokens: vec![],
+    };
     let mut stream = loaded.tokenizer.stream(true);
     let mut stdout = std::io::stdout();
     let mut failed = None;

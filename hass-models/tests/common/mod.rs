@@ -10,7 +10,9 @@ use safetensors::{Dtype, SafeTensors};
 pub type B = burn::backend::Flex;
 
 pub fn fixture_dir(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/models")
+        .join(name)
 }
 
 /// The reference tensors of one fixture model.
@@ -35,13 +37,20 @@ impl Expected {
     pub fn f32(&self, name: &str) -> (Vec<f32>, Vec<usize>) {
         let (dt, shape, data) = self.view(name);
         assert_eq!(dt, Dtype::F32, "{name}");
-        (data.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect(), shape)
+        (
+            data.chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                .collect(),
+            shape,
+        )
     }
 
     pub fn i64(&self, name: &str) -> Vec<i64> {
         let (dt, _, data) = self.view(name);
         assert_eq!(dt, Dtype::I64, "{name}");
-        data.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap())).collect()
+        data.chunks_exact(8)
+            .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+            .collect()
     }
 
     pub fn ids(&self, name: &str) -> Vec<u32> {
@@ -56,5 +65,8 @@ pub fn to_vec<const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
 /// Largest absolute difference; panics on a length mismatch.
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "length mismatch");
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
