@@ -8,7 +8,7 @@ mod common;
 use common::*;
 use hass_core::config::Architecture;
 use hass_models::assets::{cached_path, Asset};
-use hass_models::{load_model, LogitRows, WeightDtype};
+use hass_models::{load_model, WeightDtype};
 
 #[test]
 fn qwen_coder_completes_fibonacci_sensibly() {
@@ -42,24 +42,7 @@ fn qwen_coder_completes_fibonacci_sensibly() {
     let m = &loaded.model;
     let prompt = loaded.tokenizer.encode("def fibonacci(n):", false).unwrap();
     let n = 64;
-    let mut cache = m.new_cache(prompt.len() + n);
-    let pos: Vec<usize> = (0..prompt.len()).collect();
-    let mut logits = m
-        .forward(&prompt, &pos, &mut cache, None, LogitRows::Last)
-        .unwrap()
-        .logits
-        .unwrap();
-    let mut out = Vec::new();
-    for _ in 0..n {
-        let t = hass_core::sampling::argmax(&to_vec(logits));
-        out.push(t);
-        let p = cache.len();
-        logits = m
-            .forward(&[t], &[p], &mut cache, None, LogitRows::Last)
-            .unwrap()
-            .logits
-            .unwrap();
-    }
+    let out = greedy(m, &prompt, n);
     let text = loaded.tokenizer.decode(&out, true).unwrap();
     println!("def fibonacci(n):{text}");
     assert!(text.contains("return"), "no return statement in {text:?}");

@@ -69,28 +69,6 @@ fn all_logits(m: &Llama<B>, ids: &[u32]) -> Vec<f32> {
     )
 }
 
-fn greedy(m: &Llama<B>, ids: &[u32], n: usize) -> Vec<u32> {
-    let mut cache = m.new_cache(ids.len() + n);
-    let pos: Vec<usize> = (0..ids.len()).collect();
-    let mut out = Vec::new();
-    let mut logits = m
-        .forward(ids, &pos, &mut cache, None, LogitRows::Last)
-        .unwrap()
-        .logits
-        .unwrap();
-    for _ in 0..n {
-        let t = hass_core::sampling::argmax(&to_vec(logits));
-        out.push(t);
-        let p = cache.len();
-        logits = m
-            .forward(&[t], &[p], &mut cache, None, LogitRows::Last)
-            .unwrap()
-            .logits
-            .unwrap();
-    }
-    out
-}
-
 /// Max abs error over the reference's top-20 logits of every position.
 fn top20_error(m: &Llama<B>, c: &Case) -> f32 {
     let v = m.config().vocab_size;

@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 
 use burn::prelude::*;
+use hass_models::{Llama, LogitRows};
 use safetensors::{Dtype, SafeTensors};
 
 pub type B = burn::backend::Flex;
@@ -56,6 +57,29 @@ impl Expected {
     pub fn ids(&self, name: &str) -> Vec<u32> {
         self.i64(name).into_iter().map(|x| x as u32).collect()
     }
+}
+
+/// Greedy continuation of `ids` by `n` tokens through the KV cache.
+pub fn greedy(m: &Llama<B>, ids: &[u32], n: usize) -> Vec<u32> {
+    let mut cache = m.new_cache(ids.len() + n);
+    let pos: Vec<usize> = (0..ids.len()).collect();
+    let mut out = Vec::new();
+    let mut logits = m
+        .forward(ids, &pos, &mut cache, None, LogitRows::Last)
+        .unwrap()
+        .logits
+        .unwrap();
+    for _ in 0..n {
+        let t = hass_core::sampling::argmax(&to_vec(logits));
+        out.push(t);
+        let p = cache.len();
+        logits = m
+            .forward(&[t], &[p], &mut cache, None, LogitRows::Last)
+            .unwrap()
+            .logits
+            .unwrap();
+    }
+    out
 }
 
 pub fn to_vec<const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
