@@ -7,6 +7,8 @@ pub mod gguf;
 pub mod gguf_tokenizer;
 pub mod hf;
 pub mod kv_cache;
+mod layer;
+mod loader;
 pub mod llama;
 pub mod load;
 pub mod safetensors_dir;
