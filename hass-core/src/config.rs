@@ -237,6 +237,55 @@ impl ModelConfig {
         Ok(cfg)
     }
 
+    /// The HF `config.json` fields of this configuration (what [`Self::from_hf_json`]
+    /// reads back to an equal value).
+    pub fn to_hf_json(&self) -> Value {
+        let (model_type, arch) = match self.architecture {
+            Architecture::Llama => ("llama", "LlamaForCausalLM"),
+            Architecture::Qwen2 => ("qwen2", "Qwen2ForCausalLM"),
+            Architecture::Mistral => ("mistral", "MistralForCausalLM"),
+        };
+        let rope_scaling = match &self.rope_scaling {
+            None => Value::Null,
+            Some(RopeScaling::Linear { factor }) => {
+                serde_json::json!({"rope_type": "linear", "factor": factor})
+            }
+            Some(RopeScaling::Dynamic { factor }) => {
+                serde_json::json!({"rope_type": "dynamic", "factor": factor})
+            }
+            Some(RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            }) => {
+                serde_json::json!({"rope_type": "llama3", "factor": factor, "low_freq_factor": low_freq_factor,
+                    "high_freq_factor": high_freq_factor,
+                    "original_max_position_embeddings": original_max_position_embeddings})
+            }
+        };
+        serde_json::json!({
+            "model_type": model_type,
+            "architectures": [arch],
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": rope_scaling,
+            "max_position_embeddings": self.max_position_embeddings,
+            "vocab_size": self.vocab_size,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "attention_bias": self.attention_bias,
+            "hidden_act": "silu",
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_ids,
+        })
+    }
+
     /// Checks the internal consistency of the sizes.
     pub fn validate(&self, ctx: &str) -> Result<()> {
         let err = |m: String| Err(HassError::config(ctx, m));
@@ -379,6 +428,13 @@ mod tests {
         let bad_arch = LLAMA3.replace("\"llama\"", "\"gpt2\"");
         let e = ModelConfig::from_hf_json(&bad_arch, "test").unwrap_err();
         assert!(e.to_string().contains("gpt2"), "{e}");
+    }
+
+    #[test]
+    fn hf_json_round_trips() {
+        let c = ModelConfig::from_hf_json(LLAMA3, "test").unwrap();
+        let again = ModelConfig::from_hf_json(&c.to_hf_json().to_string(), "round trip").unwrap();
+        assert_eq!(c, again);
     }
 
     #[test]

@@ -38,16 +38,7 @@ impl<'a, B: Backend> VanillaGenerator<'a, B> {
         mut on_token: impl FnMut(u32) -> bool,
     ) -> Result<GenerationOutput> {
         config.validate()?;
-        let context = self.target.config().max_position_embeddings;
-        if prompt.is_empty() {
-            return Err(HassError::InvalidArgument("empty prompt".into()));
-        }
-        if prompt.len() >= context {
-            return Err(HassError::PromptTooLong {
-                prompt: prompt.len(),
-                context,
-            });
-        }
+        let context = check_prompt(self.target, prompt)?;
         let stop = stop_tokens(self.target, config);
         let mut sampler = Sampler::new(config.sampling);
         let capacity = context.min(prompt.len() + config.max_new_tokens);
@@ -95,6 +86,22 @@ impl<'a, B: Backend> VanillaGenerator<'a, B> {
             stats,
         })
     }
+}
+
+/// Errors on an empty prompt or one that leaves no room in the context; returns the
+/// context length.
+pub(crate) fn check_prompt<B: Backend>(target: &Llama<B>, prompt: &[u32]) -> Result<usize> {
+    let context = target.config().max_position_embeddings;
+    if prompt.is_empty() {
+        return Err(HassError::InvalidArgument("empty prompt".into()));
+    }
+    if prompt.len() >= context {
+        return Err(HassError::PromptTooLong {
+            prompt: prompt.len(),
+            context,
+        });
+    }
+    Ok(context)
 }
 
 /// The request's stop tokens, or the model's EOS ids when it names none.

@@ -23,7 +23,11 @@ pub(crate) fn mm<B: Backend>(x: Tensor<B, 2>, w: &Tensor<B, 2>) -> Tensor<B, 2> 
     }
 }
 
-pub(crate) fn rms_norm<B: Backend>(x: Tensor<B, 2>, weight: &Tensor<B, 1>, eps: f64) -> Tensor<B, 2> {
+pub(crate) fn rms_norm<B: Backend>(
+    x: Tensor<B, 2>,
+    weight: &Tensor<B, 1>,
+    eps: f64,
+) -> Tensor<B, 2> {
     let var = (x.clone() * x.clone()).mean_dim(1);
     x * (var + eps).sqrt().recip() * weight.clone().unsqueeze::<2>()
 }
@@ -63,10 +67,16 @@ impl<B: Backend> AttnContext<B> {
         device: &B::Device,
     ) -> Result<Self> {
         let t = positions.len();
-        let (nh, nkv, hd, rep) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.kv_groups());
+        let (nh, nkv, hd, rep) = (
+            c.num_attention_heads,
+            c.num_key_value_heads,
+            c.head_dim,
+            c.kv_groups(),
+        );
         let (cos, sin) = c.rope_cos_sin(positions);
         let table = |v: Vec<f32>, heads: usize| {
-            Tensor::<B, 4>::from_data(TensorData::new(v, [1, 1, t, hd]), device).repeat_dim(1, heads)
+            Tensor::<B, 4>::from_data(TensorData::new(v, [1, 1, t, hd]), device)
+                .repeat_dim(1, heads)
         };
         let mask = match tree_mask {
             None if t == 1 => None,
@@ -80,7 +90,14 @@ impl<B: Backend> AttnContext<B> {
                         m.len()
                     )));
                 }
-                Some(Self::mask_tensor(t, past, cols, |i, j| m[i * cols + j], rep, device))
+                Some(Self::mask_tensor(
+                    t,
+                    past,
+                    cols,
+                    |i, j| m[i * cols + j],
+                    rep,
+                    device,
+                ))
             }
         };
         Ok(AttnContext {
@@ -134,7 +151,10 @@ pub(crate) struct DecoderLayer<B: Backend> {
 
 /// HF names of one layer's tensors under `prefix` (`model.layers.3`, `layers.0`).
 fn qkv_names(prefix: &str, c: &ModelConfig, suffix: &str) -> [(String, usize); 3] {
-    let (q, kv) = (c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim);
+    let (q, kv) = (
+        c.num_attention_heads * c.head_dim,
+        c.num_key_value_heads * c.head_dim,
+    );
     [
         (format!("{prefix}.self_attn.q_proj.{suffix}"), q),
         (format!("{prefix}.self_attn.k_proj.{suffix}"), kv),
@@ -143,7 +163,13 @@ fn qkv_names(prefix: &str, c: &ModelConfig, suffix: &str) -> [(String, usize); 3
 }
 
 impl<B: Backend> DecoderLayer<B> {
-    pub fn load(ld: &Loader, prefix: &str, c: &ModelConfig, input_norm: bool, dev: &B::Device) -> Result<Self> {
+    pub fn load(
+        ld: &Loader,
+        prefix: &str,
+        c: &ModelConfig,
+        input_norm: bool,
+        dev: &B::Device,
+    ) -> Result<Self> {
         let (h, inter) = (c.hidden_size, c.intermediate_size);
         let attn_norm = if input_norm {
             Some(ld.vector(&format!("{prefix}.input_layernorm.weight"), h, dev)?)
@@ -159,21 +185,38 @@ impl<B: Backend> DecoderLayer<B> {
             attn_norm,
             wqkv: ld.fused_in_out(&qkv_names(prefix, c, "weight"), h, dev)?,
             bqkv,
-            wo: ld.fused_in_out(&[(format!("{prefix}.self_attn.o_proj.weight"), h)], c.num_attention_heads * c.head_dim, dev)?,
+            wo: ld.fused_in_out(
+                &[(format!("{prefix}.self_attn.o_proj.weight"), h)],
+                c.num_attention_heads * c.head_dim,
+                dev,
+            )?,
             mlp_norm: ld.vector(&format!("{prefix}.post_attention_layernorm.weight"), h, dev)?,
             w_gate_up: ld.fused_in_out(
-                &[(format!("{prefix}.mlp.gate_proj.weight"), inter), (format!("{prefix}.mlp.up_proj.weight"), inter)],
+                &[
+                    (format!("{prefix}.mlp.gate_proj.weight"), inter),
+                    (format!("{prefix}.mlp.up_proj.weight"), inter),
+                ],
                 h,
                 dev,
             )?,
-            w_down: ld.fused_in_out(&[(format!("{prefix}.mlp.down_proj.weight"), h)], inter, dev)?,
+            w_down: ld.fused_in_out(
+                &[(format!("{prefix}.mlp.down_proj.weight"), h)],
+                inter,
+                dev,
+            )?,
         })
     }
 
     /// The layer's tensors in HF names and layout (for saving).
     pub fn export(&self, prefix: &str, c: &ModelConfig) -> Vec<(String, Vec<usize>, Vec<f32>)> {
         let h = c.hidden_size;
-        let host = |t: &Tensor<B, 1>| t.clone().into_data().convert::<f32>().into_vec::<f32>().expect("f32 data");
+        let host = |t: &Tensor<B, 1>| {
+            t.clone()
+                .into_data()
+                .convert::<f32>()
+                .into_vec::<f32>()
+                .expect("f32 data")
+        };
         let mut out = Vec::new();
         if let Some(n) = &self.attn_norm {
             out.push((format!("{prefix}.input_layernorm.weight"), vec![h], host(n)));
@@ -193,13 +236,29 @@ impl<B: Backend> DecoderLayer<B> {
         }
         let qdim = c.num_attention_heads * c.head_dim;
         let inter = c.intermediate_size;
-        out.push((format!("{prefix}.self_attn.o_proj.weight"), vec![h, qdim], unfuse(&self.wo, &[h]).remove(0)));
-        out.push((format!("{prefix}.post_attention_layernorm.weight"), vec![h], host(&self.mlp_norm)));
+        out.push((
+            format!("{prefix}.self_attn.o_proj.weight"),
+            vec![h, qdim],
+            unfuse(&self.wo, &[h]).remove(0),
+        ));
+        out.push((
+            format!("{prefix}.post_attention_layernorm.weight"),
+            vec![h],
+            host(&self.mlp_norm),
+        ));
         let mut gu = unfuse(&self.w_gate_up, &[inter, inter]);
         let up = gu.pop().expect("two parts");
-        out.push((format!("{prefix}.mlp.gate_proj.weight"), vec![inter, h], gu.pop().expect("two parts")));
+        out.push((
+            format!("{prefix}.mlp.gate_proj.weight"),
+            vec![inter, h],
+            gu.pop().expect("two parts"),
+        ));
         out.push((format!("{prefix}.mlp.up_proj.weight"), vec![inter, h], up));
-        out.push((format!("{prefix}.mlp.down_proj.weight"), vec![h, inter], unfuse(&self.w_down, &[h]).remove(0)));
+        out.push((
+            format!("{prefix}.mlp.down_proj.weight"),
+            vec![h, inter],
+            unfuse(&self.w_down, &[h]).remove(0),
+        ));
         out
     }
 
@@ -213,7 +272,13 @@ impl<B: Backend> DecoderLayer<B> {
         cache: &mut KvCache<B>,
         index: usize,
     ) -> Tensor<B, 2> {
-        let (nh, nkv, hd, rep, t) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.kv_groups(), ctx.t);
+        let (nh, nkv, hd, rep, t) = (
+            c.num_attention_heads,
+            c.num_key_value_heads,
+            c.head_dim,
+            c.kv_groups(),
+            ctx.t,
+        );
         let h = match &self.attn_norm {
             Some(w) => rms_norm(x.clone(), w, c.rms_norm_eps),
             None => x.clone(),

@@ -3,21 +3,23 @@
 
 pub mod assets;
 pub mod backend;
+pub mod draft;
 pub mod gguf;
 pub mod gguf_tokenizer;
 pub mod hf;
 pub mod kv_cache;
 mod layer;
-mod loader;
 pub mod llama;
 pub mod load;
+mod loader;
 pub mod safetensors_dir;
 pub mod weights;
 
 pub use backend::{default_device, DefaultBackend};
+pub use draft::DraftHead;
 pub use hf::load_hf_model;
 pub use kv_cache::KvCache;
 pub use llama::{ForwardOutput, Llama, LogitRows, WeightDtype};
 pub use load::{load_model, LoadedModel};
 pub use safetensors_dir::SafetensorsDir;
-pub use weights::WeightSource;
+pub use weights::{MemoryWeights, WeightSource};

@@ -94,7 +94,11 @@ fn is_ignorable(name: &str) -> bool {
 impl<B: Backend> Llama<B> {
     /// Builds the model from `source` (f32 matrices), checking every tensor's presence
     /// and shape and rejecting tensors the model would silently ignore.
-    pub fn load(source: &dyn WeightSource, config: ModelConfig, device: &B::Device) -> Result<Self> {
+    pub fn load(
+        source: &dyn WeightSource,
+        config: ModelConfig,
+        device: &B::Device,
+    ) -> Result<Self> {
         Self::load_with_dtype(source, config, device, WeightDtype::F32)
     }
 
@@ -199,14 +203,21 @@ impl<B: Backend> Llama<B> {
         let c = &self.config;
         let t = tokens.len();
         if t == 0 {
-            return Err(HassError::InvalidArgument("forward over zero tokens".into()));
+            return Err(HassError::InvalidArgument(
+                "forward over zero tokens".into(),
+            ));
         }
         if positions.len() != t {
-            return Err(HassError::InvalidArgument(format!("{} position ids for {t} tokens", positions.len())));
+            return Err(HassError::InvalidArgument(format!(
+                "{} position ids for {t} tokens",
+                positions.len()
+            )));
         }
         if let LogitRows::Rows(r) = &rows {
             if let Some(&bad) = r.iter().find(|&&i| i >= t) {
-                return Err(HassError::InvalidArgument(format!("logit row {bad} of {t}")));
+                return Err(HassError::InvalidArgument(format!(
+                    "logit row {bad} of {t}"
+                )));
             }
         }
         cache.check_room(t)?;
@@ -220,7 +231,9 @@ impl<B: Backend> Llama<B> {
         let logits = match rows {
             LogitRows::None => None,
             LogitRows::All => Some(self.logits(features.clone())),
-            LogitRows::Last => Some(self.logits(features.clone().slice([t - 1..t, 0..c.hidden_size]))),
+            LogitRows::Last => {
+                Some(self.logits(features.clone().slice([t - 1..t, 0..c.hidden_size])))
+            }
             LogitRows::Rows(r) => {
                 let idx = Tensor::<B, 1, Int>::from_data(
                     TensorData::new(r.iter().map(|&i| i as i32).collect::<Vec<_>>(), [r.len()]),
@@ -241,7 +254,10 @@ impl<B: Backend> Llama<B> {
             )));
         }
         let ids = Tensor::<B, 1, Int>::from_data(
-            TensorData::new(tokens.iter().map(|&x| x as i32).collect::<Vec<_>>(), [tokens.len()]),
+            TensorData::new(
+                tokens.iter().map(|&x| x as i32).collect::<Vec<_>>(),
+                [tokens.len()],
+            ),
             &self.device,
         );
         Ok(self.embed.clone().select(0, ids).cast(DType::F32))

@@ -26,10 +26,6 @@ impl<'a> Loader<'a> {
         }
     }
 
-    pub fn has(&self, name: &str) -> bool {
-        self.source.shape(name).is_some()
-    }
-
     /// Marks `name` as consumed without reading it (a redundant copy).
     pub fn skip(&self, name: &str) {
         self.used.borrow_mut().insert(name.to_string());
@@ -37,10 +33,13 @@ impl<'a> Loader<'a> {
 
     /// Reads `name` as f32, checking presence and shape.
     pub fn read(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
-        let found = self.source.shape(name).ok_or_else(|| HassError::MissingTensor {
-            file: self.source.describe(),
-            name: name.to_string(),
-        })?;
+        let found = self
+            .source
+            .shape(name)
+            .ok_or_else(|| HassError::MissingTensor {
+                file: self.source.describe(),
+                name: name.to_string(),
+            })?;
         if found != shape {
             return Err(HassError::ShapeMismatch {
                 file: self.source.describe(),
@@ -53,7 +52,10 @@ impl<'a> Loader<'a> {
         if data.len() != shape.iter().product::<usize>() {
             return Err(HassError::malformed(
                 self.source.describe(),
-                format!("tensor `{name}` holds {} values for shape {shape:?}", data.len()),
+                format!(
+                    "tensor `{name}` holds {} values for shape {shape:?}",
+                    data.len()
+                ),
             ));
         }
         self.skip(name);
@@ -61,19 +63,41 @@ impl<'a> Loader<'a> {
     }
 
     /// A 1-D f32 tensor (norm weights and biases stay f32).
-    pub fn vector<B: Backend>(&self, name: &str, len: usize, dev: &B::Device) -> Result<Tensor<B, 1>> {
-        Ok(Tensor::from_data(TensorData::new(self.read(name, &[len])?, [len]), dev))
+    pub fn vector<B: Backend>(
+        &self,
+        name: &str,
+        len: usize,
+        dev: &B::Device,
+    ) -> Result<Tensor<B, 1>> {
+        Ok(Tensor::from_data(
+            TensorData::new(self.read(name, &[len])?, [len]),
+            dev,
+        ))
     }
 
     /// A matrix kept in the HF layout `[rows, cols]`, in the storage dtype.
-    pub fn matrix<B: Backend>(&self, name: &str, rows: usize, cols: usize, dev: &B::Device) -> Result<Tensor<B, 2>> {
+    pub fn matrix<B: Backend>(
+        &self,
+        name: &str,
+        rows: usize,
+        cols: usize,
+        dev: &B::Device,
+    ) -> Result<Tensor<B, 2>> {
         let data = self.read(name, &[rows, cols])?;
-        Ok(Tensor::from_data(TensorData::new(data, [rows, cols]), (dev, self.dtype)))
+        Ok(Tensor::from_data(
+            TensorData::new(data, [rows, cols]),
+            (dev, self.dtype),
+        ))
     }
 
     /// Reads HF `[out, in]` matrices with the same `in` and returns them transposed and
     /// fused column-wise, `[in, Σ out]`, so one matmul computes all of them.
-    pub fn fused_in_out<B: Backend>(&self, names: &[(String, usize)], d_in: usize, dev: &B::Device) -> Result<Tensor<B, 2>> {
+    pub fn fused_in_out<B: Backend>(
+        &self,
+        names: &[(String, usize)],
+        d_in: usize,
+        dev: &B::Device,
+    ) -> Result<Tensor<B, 2>> {
         let total: usize = names.iter().map(|(_, o)| o).sum();
         let mut out = vec![0f32; d_in * total];
         let mut col0 = 0;
@@ -86,11 +110,18 @@ impl<'a> Loader<'a> {
             }
             col0 += d_out;
         }
-        Ok(Tensor::from_data(TensorData::new(out, [d_in, total]), (dev, self.dtype)))
+        Ok(Tensor::from_data(
+            TensorData::new(out, [d_in, total]),
+            (dev, self.dtype),
+        ))
     }
 
     /// Concatenated f32 vectors.
-    pub fn fused_vector<B: Backend>(&self, names: &[(String, usize)], dev: &B::Device) -> Result<Tensor<B, 1>> {
+    pub fn fused_vector<B: Backend>(
+        &self,
+        names: &[(String, usize)],
+        dev: &B::Device,
+    ) -> Result<Tensor<B, 1>> {
         let mut out = Vec::new();
         for (name, len) in names {
             out.extend(self.read(name, &[*len])?);
@@ -121,7 +152,12 @@ impl<'a> Loader<'a> {
 /// Splits a fused `[in, Σ out]` matrix back into HF `[out, in]` row-major matrices.
 pub(crate) fn unfuse<B: Backend>(w: &Tensor<B, 2>, outs: &[usize]) -> Vec<Vec<f32>> {
     let [d_in, total] = w.dims();
-    let data: Vec<f32> = w.clone().into_data().convert::<f32>().into_vec().expect("f32 data");
+    let data: Vec<f32> = w
+        .clone()
+        .into_data()
+        .convert::<f32>()
+        .into_vec()
+        .expect("f32 data");
     let mut col0 = 0;
     outs.iter()
         .map(|&d_out| {

@@ -1,0 +1,235 @@
+//! Proposers: what drafts a token tree for the target to verify (the proposer /
+//! verifier split). [`EagleProposer`] runs an EAGLE/HASS draft head with EAGLE-2's
+//! dynamic tree; [`OracleProposer`] asks the target itself, which makes every draft
+//! right and so checks the tree, mask and cache bookkeeping end to end.
+
+use burn::prelude::*;
+use burn::tensor::activation::log_softmax;
+use hass_core::tree::{DraftTree, TreeBuilder, TreeParams};
+use hass_core::{HassError, Result};
+use hass_models::{DraftHead, KvCache, Llama, LogitRows};
+
+/// Drafts trees for the verifier and learns what was committed.
+pub trait Proposer<B: Backend> {
+    /// Called once after the target's prefill: the prompt, its target features
+    /// `[prompt, hidden]` and the first root (the token chosen from the prefill).
+    fn start(&mut self, prompt: &[u32], features: Tensor<B, 2>, root: u32) -> Result<()>;
+
+    /// A tree rooted at `root` (node 0) of at most `max_nodes` nodes (≥ 1).
+    fn propose(&mut self, root: u32, max_nodes: usize) -> Result<DraftTree>;
+
+    /// After verification: `committed` (the root and the accepted tokens, now in the
+    /// target's cache), their target features `[committed, hidden]`, and the next root.
+    fn commit(&mut self, committed: &[u32], features: Tensor<B, 2>, next_root: u32) -> Result<()>;
+}
+
+pub(crate) fn host_f32<B: Backend, const D: usize>(t: Tensor<B, D>) -> Result<Vec<f32>> {
+    t.into_data()
+        .convert::<f32>()
+        .into_vec::<f32>()
+        .map_err(|e| HassError::InvalidArgument(format!("reading a tensor: {e:?}")))
+}
+
+fn host_ids<B: Backend, const D: usize>(t: Tensor<B, D, Int>) -> Result<Vec<u32>> {
+    let v = t
+        .into_data()
+        .convert::<i64>()
+        .into_vec::<i64>()
+        .map_err(|e| HassError::InvalidArgument(format!("reading indices: {e:?}")))?;
+    Ok(v.into_iter().map(|x| x as u32).collect())
+}
+
+/// Top-`k` tokens and log-probabilities of each row of `logits` (`[rows, vocab]`),
+/// row-major `[rows · k]`.
+fn top_k_log_probs<B: Backend>(logits: Tensor<B, 2>, k: usize) -> Result<(Vec<u32>, Vec<f32>)> {
+    let (values, idx) = log_softmax(logits, 1).topk_with_indices(k, 1);
+    Ok((host_ids(idx)?, host_f32(values)?))
+}
+
+/// EAGLE-2 drafting with a draft head (spec §4.3): the head's KV cache holds the
+/// "stable" rows built from target features; tree rows are discarded each round.
+pub struct EagleProposer<'a, B: Backend> {
+    target: &'a Llama<B>,
+    head: &'a DraftHead<B>,
+    params: TreeParams,
+    cache: Option<KvCache<B>>,
+    /// Head output of the last committed row, `[1, hidden]`: f̂ at the root's position.
+    last_hidden: Option<Tensor<B, 2>>,
+    /// Level-1 candidates after the pending root: tokens and log-probs.
+    level1: (Vec<u32>, Vec<f32>),
+}
+
+impl<'a, B: Backend> EagleProposer<'a, B> {
+    pub fn new(target: &'a Llama<B>, head: &'a DraftHead<B>, params: TreeParams) -> Result<Self> {
+        params.validate()?;
+        if params.top_k > target.config().vocab_size {
+            return Err(HassError::InvalidArgument(format!(
+                "top_k {} exceeds the vocabulary of {}",
+                params.top_k,
+                target.config().vocab_size
+            )));
+        }
+        Ok(EagleProposer {
+            target,
+            head,
+            params,
+            cache: None,
+            last_hidden: None,
+            level1: (vec![], vec![]),
+        })
+    }
+
+    /// Runs the head on committed pairs (features `f_t`, tokens `x_{t+1}`) and prepares
+    /// the level-1 candidates of the next tree from the last row.
+    fn extend(&mut self, features: Tensor<B, 2>, tokens: &[u32]) -> Result<()> {
+        let cache = self.cache.as_mut().expect("started");
+        let n = cache.len();
+        let positions: Vec<usize> = (n..n + tokens.len()).collect();
+        let out = self
+            .head
+            .forward(self.target, features, tokens, &positions, cache, None)?;
+        let [t, h] = out.dims();
+        let last = out.slice([t - 1..t, 0..h]);
+        self.level1 = top_k_log_probs(self.target.logits(last.clone()), self.params.top_k)?;
+        self.last_hidden = Some(last);
+        Ok(())
+    }
+}
+
+impl<B: Backend> Proposer<B> for EagleProposer<'_, B> {
+    fn start(&mut self, prompt: &[u32], features: Tensor<B, 2>, root: u32) -> Result<()> {
+        let context = self.target.config().max_position_embeddings;
+        let tree_rows = self.params.depth * self.params.top_k;
+        self.cache = Some(self.head.new_cache(context + tree_rows));
+        let mut shifted = prompt[1..].to_vec();
+        shifted.push(root);
+        self.extend(features, &shifted)
+    }
+
+    fn propose(&mut self, root: u32, max_nodes: usize) -> Result<DraftTree> {
+        let cache_len = self.cache.as_ref().map(|c| c.len()).ok_or_else(|| {
+            HassError::InvalidArgument("EagleProposer::propose before start".into())
+        })?;
+        if max_nodes <= 1 {
+            return DraftTree::from_parents(vec![root], vec![None]);
+        }
+        let mut params = self.params;
+        params.total_tokens = params.total_tokens.min(max_nodes - 1);
+        let (tok1, lp1) = &self.level1;
+        let mut builder = TreeBuilder::new(params, root, tok1, lp1)?;
+        let k = params.top_k;
+        let mut out = self.last_hidden.clone().expect("started");
+        let h = self.target.config().hidden_size;
+        while !builder.is_done() {
+            let rows: Vec<i32> = builder
+                .frontier_parent_rows()
+                .iter()
+                .map(|&r| r as i32)
+                .collect();
+            let idx =
+                Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [k]), self.target.device());
+            let hidden = out.select(0, idx);
+            let positions = vec![cache_len + builder.position_offset(); k];
+            let cache = self.cache.as_mut().expect("started");
+            out = self.head.forward(
+                self.target,
+                hidden,
+                builder.frontier_tokens(),
+                &positions,
+                cache,
+                Some(builder.frontier_mask()),
+            )?;
+            debug_assert_eq!(out.dims(), [k, h]);
+            let (tokens, log_probs) = top_k_log_probs(self.target.logits(out.clone()), k)?;
+            builder.expand(&tokens, &log_probs)?;
+        }
+        // Tree rows never become context: only target features of accepted tokens do.
+        self.cache.as_mut().expect("started").truncate(cache_len);
+        Ok(builder.finish())
+    }
+
+    fn commit(&mut self, committed: &[u32], features: Tensor<B, 2>, next_root: u32) -> Result<()> {
+        let mut shifted = committed[1..].to_vec();
+        shifted.push(next_root);
+        self.extend(features, &shifted)
+    }
+}
+
+/// Proposes what the target itself would generate: a chain of its greedy tokens of
+/// length `depth`, each chain node also carrying the target's second choice as a
+/// leaf (so sampling exercises multi-candidate rejection). With greedy decoding every
+/// chain token is accepted, so τ = depth + 1 every round: a check that tree
+/// positions, masks and KV compaction are right. Costs `depth + 1` extra target
+/// forwards per round: a validation tool, not a speedup.
+pub struct OracleProposer<'a, B: Backend> {
+    target: &'a Llama<B>,
+    depth: usize,
+    cache: Option<KvCache<B>>,
+}
+
+impl<'a, B: Backend> OracleProposer<'a, B> {
+    pub fn new(target: &'a Llama<B>, depth: usize) -> Result<Self> {
+        if depth == 0 {
+            return Err(HassError::InvalidArgument(
+                "oracle depth must be at least 1".into(),
+            ));
+        }
+        Ok(OracleProposer {
+            target,
+            depth,
+            cache: None,
+        })
+    }
+}
+
+impl<B: Backend> Proposer<B> for OracleProposer<'_, B> {
+    fn start(&mut self, prompt: &[u32], _features: Tensor<B, 2>, _root: u32) -> Result<()> {
+        let context = self.target.config().max_position_embeddings;
+        let mut cache = self.target.new_cache(context + self.depth + 1);
+        let positions: Vec<usize> = (0..prompt.len()).collect();
+        self.target
+            .forward(prompt, &positions, &mut cache, None, LogitRows::None)?;
+        self.cache = Some(cache);
+        Ok(())
+    }
+
+    fn propose(&mut self, root: u32, max_nodes: usize) -> Result<DraftTree> {
+        let cache = self.cache.as_mut().ok_or_else(|| {
+            HassError::InvalidArgument("OracleProposer::propose before start".into())
+        })?;
+        let n = cache.len();
+        let (mut tokens, mut parents) = (vec![root], vec![None]);
+        let mut tip = 0;
+        for _ in 0..self.depth {
+            if tokens.len() + 2 > max_nodes {
+                break;
+            }
+            let pos = cache.len();
+            let logits = self
+                .target
+                .forward(&[tokens[tip]], &[pos], cache, None, LogitRows::Last)?
+                .logits
+                .expect("requested");
+            let (top, _) = top_k_log_probs(logits, 2)?;
+            tokens.extend([top[0], top[1]]);
+            parents.extend([Some(tip), Some(tip)]);
+            tip = tokens.len() - 2;
+        }
+        cache.truncate(n);
+        DraftTree::from_parents(tokens, parents)
+    }
+
+    fn commit(
+        &mut self,
+        committed: &[u32],
+        _features: Tensor<B, 2>,
+        _next_root: u32,
+    ) -> Result<()> {
+        let cache = self.cache.as_mut().expect("started");
+        let n = cache.len();
+        let positions: Vec<usize> = (n..n + committed.len()).collect();
+        self.target
+            .forward(committed, &positions, cache, None, LogitRows::None)?;
+        Ok(())
+    }
+}

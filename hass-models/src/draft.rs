@@ -1,0 +1,339 @@
+//! The EAGLE-1/2 / HASS draft head (spec §2; HASS changes only how it is trained).
+//!
+//! Row `t` consumes the pair (target feature `f_t`, embedding of token `x_{t+1}`) and
+//! predicts the next feature `f̂_{t+1}`; `target.lm_head(f̂)` gives the draft's
+//! distribution of `x_{t+2}`. Architecture: `fc` over `[embedding, feature]` (2H → H,
+//! optional bias), then one LLaMA decoder layer **without input norm**, and **no
+//! final norm**. The embedding and LM head are the target's (frozen, shared).
+//!
+//! Checkpoints use the EAGLE layout (`config.json` + `model.safetensors`, keys
+//! `embed_tokens.weight`, `fc.weight`, `fc.bias`, `layers.0.*`); the presence of
+//! `fc.bias` decides the bias, whatever the config says. Published heads ship as
+//! `pytorch_model.bin` pickles, which hass refuses to execute: convert them with
+//! `scripts/convert_eagle_checkpoint.py`.
+
+use std::path::Path;
+
+use burn::prelude::*;
+use hass_core::config::ModelConfig;
+use hass_core::{HassError, Result};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::kv_cache::KvCache;
+use crate::layer::{mm, AttnContext, DecoderLayer};
+use crate::llama::{Llama, WeightDtype};
+use crate::loader::Loader;
+use crate::safetensors_dir::SafetensorsDir;
+use crate::weights::{MemoryWeights, WeightSource};
+
+/// A draft head paired with a target (same hidden size and vocabulary).
+#[derive(Debug, Clone)]
+pub struct DraftHead<B: Backend> {
+    config: ModelConfig,
+    /// `[2H, H]`: rows `0..H` act on the embedding, `H..2H` on the feature.
+    fc: Tensor<B, 2>,
+    fc_bias: Option<Tensor<B, 1>>,
+    layer: DecoderLayer<B>,
+    device: B::Device,
+}
+
+/// A source whose names carry a wrapper prefix (`module.` from `accelerate`).
+struct StripPrefix<'a> {
+    inner: &'a dyn WeightSource,
+    prefix: &'static str,
+}
+
+impl WeightSource for StripPrefix<'_> {
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+    fn tensor_names(&self) -> Vec<String> {
+        self.inner
+            .tensor_names()
+            .into_iter()
+            .map(|n| n.strip_prefix(self.prefix).map(str::to_string).unwrap_or(n))
+            .collect()
+    }
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.inner.shape(&format!("{}{name}", self.prefix))
+    }
+    fn read_f32(&self, name: &str) -> Result<Vec<f32>> {
+        self.inner.read_f32(&format!("{}{name}", self.prefix))
+    }
+}
+
+impl<B: Backend> DraftHead<B> {
+    /// Loads the head in directory `dir` for `target`.
+    pub fn load(dir: impl AsRef<Path>, target: &Llama<B>) -> Result<Self> {
+        let dir = dir.as_ref();
+        let text = std::fs::read_to_string(dir.join("config.json"))
+            .map_err(|e| HassError::io(dir.join("config.json"), e))?;
+        let ctx = dir.join("config.json").display().to_string();
+        let mut config = ModelConfig::from_hf_json(&text, &ctx)?;
+        let raw: serde_json::Value = serde_json::from_str(&text).map_err(|e| HassError::Json {
+            path: dir.join("config.json"),
+            source: e,
+        })?;
+        if raw.get("qkv_bias").and_then(|v| v.as_bool()) == Some(true) {
+            config.attention_bias = true;
+        }
+        if !dir.join("model.safetensors").exists() && dir.join("pytorch_model.bin").exists() {
+            return Err(HassError::InvalidArgument(format!(
+                "{}/pytorch_model.bin is a pickle, which hass does not execute; convert it with \
+                 `python3 scripts/convert_eagle_checkpoint.py {} <out-dir>` and load <out-dir>",
+                dir.display(),
+                dir.display()
+            )));
+        }
+        let weights = SafetensorsDir::open(dir)?;
+        if weights
+            .tensor_names()
+            .iter()
+            .all(|n| n.starts_with("module."))
+        {
+            Self::from_source(
+                &StripPrefix {
+                    inner: &weights,
+                    prefix: "module.",
+                },
+                config,
+                target,
+            )
+        } else {
+            Self::from_source(&weights, config, target)
+        }
+    }
+
+    /// Builds the head from tensors in the EAGLE layout.
+    pub fn from_source(
+        source: &dyn WeightSource,
+        config: ModelConfig,
+        target: &Llama<B>,
+    ) -> Result<Self> {
+        let tc = target.config();
+        let ctx = source.describe();
+        config.validate(&ctx)?;
+        if config.hidden_size != tc.hidden_size || config.vocab_size != tc.vocab_size {
+            return Err(HassError::config(
+                ctx,
+                format!(
+                    "draft head (hidden {}, vocab {}) does not match the target (hidden {}, vocab {})",
+                    config.hidden_size, config.vocab_size, tc.hidden_size, tc.vocab_size
+                ),
+            ));
+        }
+        if config.num_hidden_layers != 1 {
+            return Err(HassError::config(
+                ctx,
+                format!(
+                    "{} draft layers (only 1 is supported)",
+                    config.num_hidden_layers
+                ),
+            ));
+        }
+        let h = config.hidden_size;
+        let device = target.device().clone();
+        let ld = Loader::new(source, WeightDtype::F32.dtype());
+        // The stored embedding is a copy of the target's; the target's is used.
+        if let Some(shape) = source.shape("embed_tokens.weight") {
+            if shape != [tc.vocab_size, h] {
+                return Err(HassError::ShapeMismatch {
+                    file: source.describe(),
+                    name: "embed_tokens.weight".into(),
+                    expected: vec![tc.vocab_size, h],
+                    found: shape,
+                });
+            }
+            ld.skip("embed_tokens.weight");
+        }
+        let fc = ld.fused_in_out(&[("fc.weight".to_string(), h)], 2 * h, &device)?;
+        let fc_bias = if source.shape("fc.bias").is_some() {
+            Some(ld.vector("fc.bias", h, &device)?)
+        } else {
+            None
+        };
+        let layer = DecoderLayer::load(&ld, "layers.0", &config, false, &device)?;
+        ld.check_all_used(|n| n.ends_with("rotary_emb.inv_freq"))?;
+        Ok(DraftHead {
+            config,
+            fc,
+            fc_bias,
+            layer,
+            device,
+        })
+    }
+
+    /// A freshly initialised head for `target` (what training starts from): one layer
+    /// with the target's sizes, PyTorch's default init (`U(±1/√fan_in)` for weights and
+    /// biases, norms 1), `fc` with bias.
+    pub fn random(target: &Llama<B>, seed: u64) -> Result<Self> {
+        let tc = target.config();
+        let config = ModelConfig {
+            num_hidden_layers: 1,
+            attention_bias: false,
+            tie_word_embeddings: false,
+            ..tc.clone()
+        };
+        let (h, inter) = (config.hidden_size, config.intermediate_size);
+        let (q, kv) = (
+            config.num_attention_heads * config.head_dim,
+            config.num_key_value_heads * config.head_dim,
+        );
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut w = MemoryWeights::new(format!("random draft head (seed {seed})"));
+        let mut uniform = |name: &str, shape: Vec<usize>, fan_in: usize| {
+            let bound = 1.0 / (fan_in as f32).sqrt();
+            let data = (0..shape.iter().product::<usize>())
+                .map(|_| rng.random_range(-bound..bound))
+                .collect();
+            w.insert(name, shape, data);
+        };
+        uniform("fc.weight", vec![h, 2 * h], 2 * h);
+        uniform("fc.bias", vec![h], 2 * h);
+        uniform("layers.0.self_attn.q_proj.weight", vec![q, h], h);
+        uniform("layers.0.self_attn.k_proj.weight", vec![kv, h], h);
+        uniform("layers.0.self_attn.v_proj.weight", vec![kv, h], h);
+        uniform("layers.0.self_attn.o_proj.weight", vec![h, q], q);
+        uniform("layers.0.mlp.gate_proj.weight", vec![inter, h], h);
+        uniform("layers.0.mlp.up_proj.weight", vec![inter, h], h);
+        uniform("layers.0.mlp.down_proj.weight", vec![h, inter], inter);
+        w.insert(
+            "layers.0.post_attention_layernorm.weight",
+            vec![h],
+            vec![1.0; h],
+        );
+        Self::from_source(&w, config, target)
+    }
+
+    /// The head's tensors in the EAGLE layout (the target's embedding included, as
+    /// EAGLE-2-era loaders expect it).
+    pub fn export(&self, target: &Llama<B>) -> MemoryWeights {
+        let h = self.config.hidden_size;
+        let host = |t: Tensor<B, 1>| {
+            t.into_data()
+                .convert::<f32>()
+                .into_vec::<f32>()
+                .expect("f32 data")
+        };
+        let mut w = MemoryWeights::new("draft head");
+        let embed = target
+            .embedding()
+            .clone()
+            .into_data()
+            .convert::<f32>()
+            .into_vec::<f32>()
+            .expect("f32 data");
+        w.insert(
+            "embed_tokens.weight",
+            vec![self.config.vocab_size, h],
+            embed,
+        );
+        w.insert(
+            "fc.weight",
+            vec![h, 2 * h],
+            crate::loader::unfuse(&self.fc, &[h]).remove(0),
+        );
+        if let Some(b) = &self.fc_bias {
+            w.insert("fc.bias", vec![h], host(b.clone()));
+        }
+        for (name, shape, data) in self.layer.export("layers.0", &self.config) {
+            w.insert(name, shape, data);
+        }
+        w
+    }
+
+    /// Writes `config.json` and `model.safetensors` (f32) to `dir`, each atomically.
+    pub fn save(&self, dir: impl AsRef<Path>, target: &Llama<B>) -> Result<()> {
+        let dir = dir.as_ref();
+        std::fs::create_dir_all(dir).map_err(|e| HassError::io(dir, e))?;
+        let mut cfg = self.config.to_hf_json();
+        cfg["bias"] = serde_json::Value::Bool(self.fc_bias.is_some());
+        cfg["qkv_bias"] = serde_json::Value::Bool(self.config.attention_bias);
+        let text = serde_json::to_string_pretty(&cfg).expect("JSON value");
+        write_atomic(&dir.join("config.json"), text.as_bytes())?;
+        let w = self.export(target);
+        let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = w
+            .iter()
+            .map(|(n, (s, d))| {
+                (
+                    n.clone(),
+                    s.clone(),
+                    d.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                )
+            })
+            .collect();
+        let views: Vec<(String, safetensors::tensor::TensorView)> = bytes
+            .iter()
+            .map(|(n, s, b)| {
+                let v = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                    .expect("consistent view");
+                (n.clone(), v)
+            })
+            .collect();
+        let data = safetensors::serialize(views, None)
+            .map_err(|e| HassError::malformed(dir.display(), e.to_string()))?;
+        write_atomic(&dir.join("model.safetensors"), &data)
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// Whether `fc` has a bias.
+    pub fn has_fc_bias(&self) -> bool {
+        self.fc_bias.is_some()
+    }
+
+    /// A one-layer KV cache for this head.
+    pub fn new_cache(&self, capacity: usize) -> KvCache<B> {
+        let c = &self.config;
+        KvCache::new(1, c.num_key_value_heads, c.head_dim, capacity, &self.device)
+    }
+
+    /// Predicted features `[t, H]` for rows pairing `features` (`[t, H]`) with the
+    /// embeddings of `tokens`, at `positions`, on top of `cache` (extended by `t`).
+    /// `tree_mask` has the meaning of [`Llama::forward`]'s.
+    pub fn forward(
+        &self,
+        target: &Llama<B>,
+        features: Tensor<B, 2>,
+        tokens: &[u32],
+        positions: &[usize],
+        cache: &mut KvCache<B>,
+        tree_mask: Option<&[bool]>,
+    ) -> Result<Tensor<B, 2>> {
+        let t = tokens.len();
+        let [ft, fh] = features.dims();
+        if t == 0 || ft != t || fh != self.config.hidden_size || positions.len() != t {
+            return Err(HassError::InvalidArgument(format!(
+                "draft forward: {t} tokens, features {:?}, {} positions (hidden {})",
+                [ft, fh],
+                positions.len(),
+                self.config.hidden_size
+            )));
+        }
+        cache.check_room(t)?;
+        let ctx = AttnContext::new(
+            &self.config,
+            positions,
+            cache.len(),
+            tree_mask,
+            &self.device,
+        )?;
+        let e = target.embed_tokens(tokens)?;
+        let mut x = mm(Tensor::cat(vec![e, features], 1), &self.fc);
+        if let Some(b) = &self.fc_bias {
+            x = x + b.clone().unsqueeze::<2>();
+        }
+        let out = self.layer.forward(x, &self.config, &ctx, cache, 0);
+        cache.advance(t);
+        Ok(out)
+    }
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).map_err(|e| HassError::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| HassError::io(path, e))
+}
