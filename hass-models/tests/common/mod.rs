@@ -23,7 +23,10 @@ pub struct Expected {
 
 impl Expected {
     pub fn load(model: &str) -> Self {
-        let path = fixture_dir(model).join("expected.safetensors");
+        Self::load_from(fixture_dir(model).join("expected.safetensors"))
+    }
+
+    pub fn load_from(path: PathBuf) -> Self {
         Expected {
             bytes: std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
         }
