@@ -1,0 +1,131 @@
+//! The same prompt decoded twice, vanilla then speculative, on SmolLM2-135M-Instruct
+//! (default, fetched on first use) or any `--model`, with a draft head (`--draft DIR`,
+//! EAGLE/HASS layout), a random head (`--draft random`) or the oracle drafter
+//! (`--draft oracle`: the target drafts for itself, so every draft is right — a
+//! correctness check, not a speedup). Prints both texts, whether they are equal
+//! (expected at temperature 0), τ, the time split and the speedup.
+//!
+//! ```text
+//! cargo run --release -p hass-examples --bin speculate -- --chat "Name three primary colors."
+//! cargo run --release -p hass-examples --bin speculate -- --draft path/to/head --tree 15,4,4
+//! ```
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use hass_core::chat::ChatMessage;
+use hass_core::sampling::SamplingParams;
+use hass_core::tree::TreeParams;
+use hass_infer::{GenerationConfig, SpeculativeGenerator, VanillaGenerator};
+use hass_models::assets::{ensure, Asset};
+use hass_models::{default_device, load_model, DefaultBackend, DraftHead, WeightDtype};
+
+#[derive(Parser, Debug)]
+#[command(about = "Vanilla vs speculative decoding of one prompt")]
+struct Args {
+    /// HF model directory or .gguf [default: SmolLM2-135M-Instruct Q4_1]
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Draft head directory, `random` or `oracle`.
+    #[arg(long, default_value = "oracle")]
+    draft: String,
+    /// A user message (rendered with the chat template).
+    #[arg(long, default_value = "Give me three tips for staying healthy.")]
+    chat: String,
+    /// Tree: total_tokens,depth,top_k (total excludes the root).
+    #[arg(long, value_delimiter = ',', default_value = "15,4,4")]
+    tree: Vec<usize>,
+    /// Oracle chain depth.
+    #[arg(long, default_value_t = 4)]
+    oracle_depth: usize,
+    #[arg(long, default_value_t = 128)]
+    max_new_tokens: usize,
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, default_value = "f32")]
+    dtype: WeightDtype,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let [total, depth, top_k] = args.tree[..] else {
+        bail!("--tree takes total_tokens,depth,top_k")
+    };
+    let tree = TreeParams::new(total, depth, top_k)?;
+    let sampling = SamplingParams::new(args.temperature, 0, 1.0, args.seed)?;
+    let path = match args.model {
+        Some(p) => p,
+        None => ensure(Asset::SmolLm2)?,
+    };
+    let loaded = load_model::<DefaultBackend>(&path, &default_device(), args.dtype)
+        .with_context(|| format!("loading {}", path.display()))?;
+    let m = &loaded.model;
+    let text = loaded
+        .chat_template
+        .render(&[ChatMessage::user(&args.chat)], true)?;
+    let prompt = loaded.tokenizer.encode(&text, false)?;
+    let config = GenerationConfig {
+        max_new_tokens: args.max_new_tokens,
+        sampling,
+        stop_tokens: vec![],
+    };
+
+    let t = Instant::now();
+    let vanilla = VanillaGenerator::new(m).generate(&prompt, &config, |_| true)?;
+    let vanilla_s = t.elapsed().as_secs_f64();
+
+    let head;
+    let builder = SpeculativeGenerator::builder(m);
+    let mut generator = match args.draft.as_str() {
+        "oracle" => {
+            eprintln!("drafter: oracle (the target drafts for itself; a correctness check, slower than vanilla)");
+            builder.oracle(args.oracle_depth).build()?
+        }
+        "random" => {
+            head = DraftHead::random(m, args.seed)?;
+            eprintln!("drafter: random head (untrained: expect τ ≈ 1)");
+            builder.head(&head).tree(tree).build()?
+        }
+        dir => {
+            head = DraftHead::load(dir, m)?;
+            eprintln!("drafter: {dir}");
+            builder.head(&head).tree(tree).build()?
+        }
+    };
+    let t = Instant::now();
+    let spec = generator.generate(&prompt, &config, |_| true)?;
+    let spec_s = t.elapsed().as_secs_f64();
+    let s = generator.speculative_stats();
+
+    println!(
+        "--- vanilla ({} tokens, {:.1} tokens/s)\n{}",
+        vanilla.tokens.len(),
+        vanilla.tokens.len() as f64 / vanilla_s,
+        loaded.tokenizer.decode(&vanilla.tokens, true)?
+    );
+    println!(
+        "--- speculative ({} tokens, {:.1} tokens/s)\n{}",
+        spec.tokens.len(),
+        spec.tokens.len() as f64 / spec_s,
+        loaded.tokenizer.decode(&spec.tokens, true)?
+    );
+    println!("---");
+    println!("identical output: {}", spec.tokens == vanilla.tokens);
+    println!(
+        "tau {:.2} over {} rounds; draft {:.0} ms, verify {:.0} ms, other {:.0} ms",
+        s.tau(),
+        s.rounds,
+        s.draft_time.as_secs_f64() * 1e3,
+        s.verify_time.as_secs_f64() * 1e3,
+        s.other_time.as_secs_f64() * 1e3
+    );
+    println!(
+        "speedup over vanilla: {:.2}x (wall time, prefill included)",
+        vanilla_s / spec_s
+    );
+    Ok(())
+}
