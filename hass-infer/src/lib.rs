@@ -4,7 +4,7 @@
 //!
 //! ```no_run
 //! use hass_core::tree::TreeParams;
-//! use hass_infer::{GenerationConfig, SpeculativeGenerator, VanillaGenerator};
+//! use hass_infer::{GenerationConfig, Generator, SpeculativeGenerator, VanillaGenerator};
 //! use hass_models::{default_device, load_model, DefaultBackend, DraftHead, WeightDtype};
 //!
 //! # fn main() -> hass_core::Result<()> {
@@ -22,7 +22,14 @@
 //! println!("{} (τ = {:.2})", target.tokenizer.decode(&out.tokens, true)?, speculative.speculative_stats().tau());
 //!
 //! // The same request, decoded one token per target forward: identical output at T = 0.
-//! let plain = VanillaGenerator::new(&target.model).generate(&prompt, &config, |_token| true)?;
+//! // `Generator` holds either decoder behind one `generate`.
+//! let use_draft = false;
+//! let mut generator: Generator<_> = if use_draft {
+//!     speculative.into()
+//! } else {
+//!     VanillaGenerator::new(&target.model).into()
+//! };
+//! let plain = generator.generate(&prompt, &config, |_token| true)?;
 //! assert_eq!(plain.tokens, out.tokens);
 //! # Ok(())
 //! # }
@@ -33,11 +40,13 @@
 //! renormalised residuals, spec §4.6).
 
 pub mod generation;
+pub mod generator;
 pub mod proposer;
 pub mod speculative;
 pub mod vanilla;
 
 pub use generation::{GenerationConfig, GenerationOutput, GenerationStats, StopReason};
+pub use generator::Generator;
 pub use proposer::{EagleProposer, OracleProposer, Proposer};
 pub use speculative::{SpeculativeGenerator, SpeculativeGeneratorBuilder, SpeculativeStats};
 pub use vanilla::VanillaGenerator;
