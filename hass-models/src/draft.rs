@@ -164,46 +164,11 @@ impl<B: Backend> DraftHead<B> {
         })
     }
 
-    /// A freshly initialised head for `target` (what training starts from): one layer
-    /// with the target's sizes, PyTorch's default init (`U(±1/√fan_in)` for weights and
-    /// biases, norms 1), `fc` with bias.
+    /// A freshly initialised head for `target` (what training starts from):
+    /// [`draft_config`] and [`random_head_weights`].
     pub fn random(target: &Llama<B>, seed: u64) -> Result<Self> {
-        let tc = target.config();
-        let config = ModelConfig {
-            num_hidden_layers: 1,
-            attention_bias: false,
-            tie_word_embeddings: false,
-            ..tc.clone()
-        };
-        let (h, inter) = (config.hidden_size, config.intermediate_size);
-        let (q, kv) = (
-            config.num_attention_heads * config.head_dim,
-            config.num_key_value_heads * config.head_dim,
-        );
-        let mut rng = StdRng::seed_from_u64(seed);
-        let mut w = MemoryWeights::new(format!("random draft head (seed {seed})"));
-        let mut uniform = |name: &str, shape: Vec<usize>, fan_in: usize| {
-            let bound = 1.0 / (fan_in as f32).sqrt();
-            let data = (0..shape.iter().product::<usize>())
-                .map(|_| rng.random_range(-bound..bound))
-                .collect();
-            w.insert(name, shape, data);
-        };
-        uniform("fc.weight", vec![h, 2 * h], 2 * h);
-        uniform("fc.bias", vec![h], 2 * h);
-        uniform("layers.0.self_attn.q_proj.weight", vec![q, h], h);
-        uniform("layers.0.self_attn.k_proj.weight", vec![kv, h], h);
-        uniform("layers.0.self_attn.v_proj.weight", vec![kv, h], h);
-        uniform("layers.0.self_attn.o_proj.weight", vec![h, q], q);
-        uniform("layers.0.mlp.gate_proj.weight", vec![inter, h], h);
-        uniform("layers.0.mlp.up_proj.weight", vec![inter, h], h);
-        uniform("layers.0.mlp.down_proj.weight", vec![h, inter], inter);
-        w.insert(
-            "layers.0.post_attention_layernorm.weight",
-            vec![h],
-            vec![1.0; h],
-        );
-        Self::from_source(&w, config, target)
+        let config = draft_config(target.config());
+        Self::from_source(&random_head_weights(&config, seed), config, target)
     }
 
     /// The head's tensors in the EAGLE layout (the target's embedding included, as
@@ -330,6 +295,51 @@ impl<B: Backend> DraftHead<B> {
         cache.advance(t);
         Ok(out)
     }
+}
+
+/// The config of a one-layer draft head for a target with config `target`: the
+/// target's sizes and RoPE, one layer, no QKV bias.
+pub fn draft_config(target: &ModelConfig) -> ModelConfig {
+    ModelConfig {
+        num_hidden_layers: 1,
+        attention_bias: false,
+        tie_word_embeddings: false,
+        ..target.clone()
+    }
+}
+
+/// Freshly initialised head weights in the EAGLE layout (no `embed_tokens`) with
+/// PyTorch's default init: `U(±1/√fan_in)` for the weights and the `fc` bias, norm 1.
+pub fn random_head_weights(config: &ModelConfig, seed: u64) -> MemoryWeights {
+    let (h, inter) = (config.hidden_size, config.intermediate_size);
+    let (q, kv) = (
+        config.num_attention_heads * config.head_dim,
+        config.num_key_value_heads * config.head_dim,
+    );
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut w = MemoryWeights::new(format!("random draft head (seed {seed})"));
+    let mut uniform = |name: &str, shape: Vec<usize>, fan_in: usize| {
+        let bound = 1.0 / (fan_in as f32).sqrt();
+        let data = (0..shape.iter().product::<usize>())
+            .map(|_| rng.random_range(-bound..bound))
+            .collect();
+        w.insert(name, shape, data);
+    };
+    uniform("fc.weight", vec![h, 2 * h], 2 * h);
+    uniform("fc.bias", vec![h], 2 * h);
+    uniform("layers.0.self_attn.q_proj.weight", vec![q, h], h);
+    uniform("layers.0.self_attn.k_proj.weight", vec![kv, h], h);
+    uniform("layers.0.self_attn.v_proj.weight", vec![kv, h], h);
+    uniform("layers.0.self_attn.o_proj.weight", vec![h, q], q);
+    uniform("layers.0.mlp.gate_proj.weight", vec![inter, h], h);
+    uniform("layers.0.mlp.up_proj.weight", vec![inter, h], h);
+    uniform("layers.0.mlp.down_proj.weight", vec![h, inter], inter);
+    w.insert(
+        "layers.0.post_attention_layernorm.weight",
+        vec![h],
+        vec![1.0; h],
+    );
+    w
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {

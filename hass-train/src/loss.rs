@@ -1,0 +1,508 @@
+//! HASS training losses and metrics (spec §3.3, §3.6).
+//!
+//! With `M` the loss mask `[b, L]` and `N = ΣM + 1e-5`:
+//! - `vloss = Σ M · mean_h SmoothL1_{β=1}(predict, target) / N`
+//! - `ploss = −Σ M · Σ_v p_v · log q_v / N`, `p = softmax(lm_head(target))` (detached),
+//!   `log q = log_softmax(lm_head(predict))`
+//! - `topk_loss = −Σ M · Σ_{v ∈ TopK(p)} p_v · log q_v / N` (unnormalised `p_v`)
+//! - `loss = v_w·vloss + p_w·ploss + topk_w·topk_loss`
+//!
+//! Two implementations:
+//! - [`TargetDist`] (the training path): the target side (`p`, its top-K and argmax)
+//!   is computed **once per batch**, for the rows with `M > 0` only, and reused by all
+//!   HASS forwards. [`TargetDist::loss`] then evaluates the vocabulary losses of one
+//!   forward in one fused host pass per row (log-sum-exp, both cross-entropies, their
+//!   gradient w.r.t. the logits, the draft's top-3 for the metrics) and feeds the
+//!   gradient back through `predict` as `Σ predict ⊙ (g · lm_head)`: exact value,
+//!   exact gradient, and no `[rows, V]` tensor kept in the autodiff graph. On CPU
+//!   backends each elementwise `[rows, V]` tensor op costs about as much as the
+//!   vocabulary matmul, so this is several times faster than the tensor version.
+//! - The tensor functions ([`vloss`], [`ploss`], [`topk_loss`], [`reference_loss`],
+//!   [`topk_accuracy`]): plain autodiff ops, any backend; the reference the fused path
+//!   is tested against.
+//!
+//! The LM head is detached everywhere: it never receives a gradient.
+
+use burn::prelude::*;
+use burn::tensor::activation::{log_softmax, softmax};
+
+/// Loss weights (defaults: HASS stage 1, `topk_w = 0`; stage 2 uses `topk_w = 1`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LossWeights {
+    pub v_w: f64,
+    pub p_w: f64,
+    pub topk_w: f64,
+    /// K of the top-K loss.
+    pub k: usize,
+}
+
+impl Default for LossWeights {
+    fn default() -> Self {
+        LossWeights {
+            v_w: 1.0,
+            p_w: 0.1,
+            topk_w: 0.0,
+            k: 10,
+        }
+    }
+}
+
+/// Masked accuracy counts: the target's argmax within the draft's top-1/2/3.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TopkAccuracy {
+    pub top1: usize,
+    pub top2: usize,
+    pub top3: usize,
+    /// Rows counted (mask > 0).
+    pub total: usize,
+}
+
+impl TopkAccuracy {
+    /// Adds another batch's counts.
+    pub fn add(&mut self, other: TopkAccuracy) {
+        self.top1 += other.top1;
+        self.top2 += other.top2;
+        self.top3 += other.top3;
+        self.total += other.total;
+    }
+
+    /// `(top1, top2, top3)` as fractions of `total` (0 when empty).
+    pub fn rates(&self) -> (f64, f64, f64) {
+        if self.total == 0 {
+            return (0.0, 0.0, 0.0);
+        }
+        let t = self.total as f64;
+        (
+            self.top1 as f64 / t,
+            self.top2 as f64 / t,
+            self.top3 as f64 / t,
+        )
+    }
+
+    /// Counts one row whose target argmax sits at `rank` in the draft's order.
+    fn count(&mut self, rank: Option<usize>) {
+        self.total += 1;
+        if let Some(r) = rank {
+            self.top1 += (r < 1) as usize;
+            self.top2 += (r < 2) as usize;
+            self.top3 += (r < 3) as usize;
+        }
+    }
+}
+
+/// The losses of one HASS forward ([`TargetDist::loss`]).
+#[derive(Debug, Clone)]
+pub struct Losses<B: Backend> {
+    /// `v_w·vloss + p_w·ploss + topk_w·topk_loss`, with the exact gradient w.r.t. the
+    /// draft's parameters (backward this).
+    pub loss: Tensor<B, 1>,
+    pub vloss: f64,
+    pub ploss: f64,
+    /// Computed (for logging) even when `topk_w = 0`.
+    pub topk_loss: f64,
+    /// Masked top-1/2/3 accuracy of this forward's draft distribution.
+    pub accuracy: TopkAccuracy,
+}
+
+/// The batch's target side, computed once and shared by the HASS forwards: the target
+/// features and loss mask, and for every row with `M > 0` the target distribution
+/// `p = softmax(lm_head(f))` (host, f32), its top-K (ids and unnormalised
+/// probabilities) and its argmax.
+#[derive(Debug, Clone)]
+pub struct TargetDist<B: Backend> {
+    target: Tensor<B, 3>,
+    mask: Tensor<B, 2>,
+    lm_head: Tensor<B, 2>,
+    /// Flat indices `b·L + t` of the rows with `M > 0`.
+    rows: Vec<usize>,
+    /// `M_r / N` per kept row.
+    row_weight: Vec<f64>,
+    /// `[rows, V]`.
+    probs: Vec<f32>,
+    /// `[rows, K]`, descending probability.
+    topk_ids: Vec<u32>,
+    topk_probs: Vec<f32>,
+    argmax: Vec<u32>,
+    k: usize,
+    vocab: usize,
+}
+
+/// Runs `f(row, data)` over the `width`-long rows of `buf`, on all cores.
+fn for_rows<T: Send>(
+    buf: &mut [f32],
+    width: usize,
+    f: impl Fn(usize, &mut [f32]) -> T + Sync,
+) -> Vec<T> {
+    let rows = buf.len().checked_div(width).unwrap_or(0);
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(rows.max(1));
+    if threads <= 1 {
+        return buf
+            .chunks_mut(width)
+            .enumerate()
+            .map(|(i, r)| f(i, r))
+            .collect();
+    }
+    let per = rows.div_ceil(threads);
+    std::thread::scope(|s| {
+        let f = &f;
+        let handles: Vec<_> = buf
+            .chunks_mut(per * width)
+            .enumerate()
+            .map(|(ci, chunk)| {
+                s.spawn(move || {
+                    chunk
+                        .chunks_mut(width)
+                        .enumerate()
+                        .map(|(i, r)| f(ci * per + i, r))
+                        .collect::<Vec<T>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("loss worker panicked"))
+            .collect()
+    })
+}
+
+/// Index of the first maximum.
+fn argmax_row(x: &[f32]) -> (usize, f32) {
+    let mut best = (0, f32::NEG_INFINITY);
+    for (i, &v) in x.iter().enumerate() {
+        if v > best.1 {
+            best = (i, v);
+        }
+    }
+    best
+}
+
+/// The `k` largest entries of `x` (descending; ties keep the lower index first).
+fn top_k(x: &[f32], k: usize) -> (Vec<u32>, Vec<f32>) {
+    let mut ids = vec![0u32; k];
+    let mut vals = vec![f32::NEG_INFINITY; k];
+    for (i, &v) in x.iter().enumerate() {
+        if v > vals[k - 1] {
+            let mut j = k - 1;
+            while j > 0 && v > vals[j - 1] {
+                vals[j] = vals[j - 1];
+                ids[j] = ids[j - 1];
+                j -= 1;
+            }
+            vals[j] = v;
+            ids[j] = i as u32;
+        }
+    }
+    (ids, vals)
+}
+
+fn host_f32<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+    t.into_data()
+        .convert::<f32>()
+        .into_vec::<f32>()
+        .expect("f32 data")
+}
+
+/// `x [rows, H] · lm_headᵀ` as host data (mutable in place).
+fn logits_host<B: Backend>(x: Tensor<B, 2>, lm_head: &Tensor<B, 2>) -> TensorData {
+    x.matmul(lm_head.clone().transpose())
+        .into_data()
+        .convert::<f32>()
+}
+
+impl<B: Backend> TargetDist<B> {
+    /// From the target features `[b, L, H]` (row `t` = `f_{t+1}`), the loss mask
+    /// `[b, L]` and the frozen LM head `[V, H]`; `k ≥ 1` is the K of the top-K loss.
+    pub fn new(
+        target_features: Tensor<B, 3>,
+        loss_mask: Tensor<B, 2>,
+        lm_head: Tensor<B, 2>,
+        k: usize,
+    ) -> Self {
+        let [b, l, h] = target_features.dims();
+        let [vocab, hl] = lm_head.dims();
+        assert_eq!(h, hl, "LM head width");
+        assert_eq!(loss_mask.dims(), [b, l], "loss mask shape");
+        assert!(k >= 1 && k <= vocab, "top-K loss needs 1 <= k <= V");
+        let target = target_features.detach();
+        let mask = loss_mask.detach();
+        let lm_head = lm_head.detach();
+        let m = host_f32(mask.clone());
+        let rows: Vec<usize> = (0..b * l).filter(|&i| m[i] != 0.0).collect();
+        let norm = m.iter().map(|&x| x as f64).sum::<f64>() + 1e-5;
+        let row_weight = rows.iter().map(|&i| m[i] as f64 / norm).collect();
+        let (mut probs, mut topk_ids, mut topk_probs, mut argmax) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        if !rows.is_empty() {
+            let x = select_rows(target.clone(), &rows);
+            let mut data = logits_host(x, &lm_head);
+            let per_row = for_rows(data.as_mut_slice::<f32>().expect("f32"), vocab, |_, row| {
+                let (am, mx) = argmax_row(row);
+                let mut s = 0.0f64;
+                for v in row.iter_mut() {
+                    let e = (*v - mx).exp();
+                    *v = e;
+                    s += e as f64;
+                }
+                let inv = (1.0 / s) as f32;
+                for v in row.iter_mut() {
+                    *v *= inv;
+                }
+                let (ids, vals) = top_k(row, k);
+                (am as u32, ids, vals)
+            });
+            for (am, ids, vals) in per_row {
+                argmax.push(am);
+                topk_ids.extend(ids);
+                topk_probs.extend(vals);
+            }
+            probs = data.into_vec::<f32>().expect("f32 data");
+        }
+        TargetDist {
+            target,
+            mask,
+            lm_head,
+            rows,
+            row_weight,
+            probs,
+            topk_ids,
+            topk_probs,
+            argmax,
+            k,
+            vocab,
+        }
+    }
+
+    /// The K of the stored top-K.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// Flat indices `b·L + t` of the rows the vocabulary losses cover (`M > 0`).
+    pub fn rows(&self) -> &[usize] {
+        &self.rows
+    }
+
+    /// Target argmax per covered row (same order as [`TargetDist::rows`]).
+    pub fn argmax(&self) -> &[u32] {
+        &self.argmax
+    }
+
+    /// Target probabilities `[rows, V]` (host, row-major, same order as `rows`).
+    pub fn probs(&self) -> &[f32] {
+        &self.probs
+    }
+
+    /// Top-K ids and probabilities `[rows, K]` (descending).
+    pub fn topk(&self) -> (&[u32], &[f32]) {
+        (&self.topk_ids, &self.topk_probs)
+    }
+
+    /// All losses of one forward's `predict` `[b, L, H]` (the same batch), with
+    /// `weights.k == self.k()`.
+    pub fn loss(&self, predict: Tensor<B, 3>, weights: &LossWeights) -> Losses<B> {
+        assert_eq!(
+            weights.k, self.k,
+            "LossWeights::k differs from the TargetDist's K"
+        );
+        assert_eq!(predict.dims(), self.target.dims(), "predict shape");
+        let v = vloss(predict.clone(), self.target.clone(), self.mask.clone());
+        let vloss_value = v.clone().into_scalar().elem::<f64>();
+        let mut loss = v * weights.v_w;
+        let mut accuracy = TopkAccuracy::default();
+        let (mut ploss_value, mut topk_value) = (0.0, 0.0);
+        if !self.rows.is_empty() {
+            let (k, vocab) = (self.k, self.vocab);
+            let (p_w, t_w) = (weights.p_w, weights.topk_w);
+            let pv = select_rows(predict, &self.rows);
+            let mut data = logits_host(pv.clone().detach(), &self.lm_head);
+            let per_row = for_rows(data.as_mut_slice::<f32>().expect("f32"), vocab, |r, x| {
+                let p = &self.probs[r * vocab..(r + 1) * vocab];
+                let ids = &self.topk_ids[r * k..(r + 1) * k];
+                let pk = &self.topk_probs[r * k..(r + 1) * k];
+                let c = self.row_weight[r];
+                // Pass 1: max and the draft's top-3 (for the metrics).
+                let (top3, _) = top_k(x, 3.min(vocab));
+                let mx = x[top3[0] as usize];
+                let xk: Vec<f64> = ids.iter().map(|&i| x[i as usize] as f64).collect();
+                // Pass 2: e = exp(x − max) in place, Σe, Σp, Σp·x.
+                let (mut s, mut sp, mut spx) = (0.0f64, 0.0f64, 0.0f64);
+                for (xv, &pv) in x.iter_mut().zip(p) {
+                    sp += pv as f64;
+                    spx += pv as f64 * *xv as f64;
+                    let e = (*xv - mx).exp();
+                    *xv = e;
+                    s += e as f64;
+                }
+                let lse = mx as f64 + s.ln();
+                let spk: f64 = pk.iter().map(|&q| q as f64).sum();
+                let ploss_row = lse * sp - spx;
+                let topk_row: f64 = pk
+                    .iter()
+                    .zip(&xk)
+                    .map(|(&q, &xv)| q as f64 * (lse - xv))
+                    .sum();
+                // Pass 3: ∂/∂x of c·(p_w·ploss_row + t_w·topk_row), in place:
+                // c·(softmax(x)·(p_w·Σp + t_w·Σp_K) − p_w·p − t_w·p_K).
+                let coef = (c * (p_w * sp + t_w * spk) / s) as f32;
+                let cp = (c * p_w) as f32;
+                for (xv, &pv) in x.iter_mut().zip(p) {
+                    *xv = coef * *xv - cp * pv;
+                }
+                for (&i, &q) in ids.iter().zip(pk) {
+                    x[i as usize] -= (c * t_w * q as f64) as f32;
+                }
+                let rank = top3.iter().position(|&t| t == self.argmax[r]);
+                (c * ploss_row, c * topk_row, rank)
+            });
+            for (pl, tl, rank) in per_row {
+                ploss_value += pl;
+                topk_value += tl;
+                accuracy.count(rank);
+            }
+            // d loss / d predict = g · lm_head, fed back as Σ predict ⊙ G.
+            let g = Tensor::<B, 2>::from_data(data, &pv.device()).matmul(self.lm_head.clone());
+            let surrogate = (pv * g).sum();
+            let value = p_w * ploss_value + t_w * topk_value;
+            loss = loss + surrogate.clone() - surrogate.detach() + value;
+        }
+        Losses {
+            loss,
+            vloss: vloss_value,
+            ploss: ploss_value,
+            topk_loss: topk_value,
+            accuracy,
+        }
+    }
+}
+
+/// Rows `rows` of `x` viewed as `[b·L, H]`.
+fn select_rows<B: Backend>(x: Tensor<B, 3>, rows: &[usize]) -> Tensor<B, 2> {
+    let [b, l, h] = x.dims();
+    let idx = Tensor::<B, 1, Int>::from_data(
+        TensorData::new(
+            rows.iter().map(|&r| r as i32).collect::<Vec<_>>(),
+            [rows.len()],
+        ),
+        &x.device(),
+    );
+    x.reshape([b * l, h]).select(0, idx)
+}
+
+// ------------------------------------------------------------------ tensor versions
+
+/// `features [b, L, H] · lm_headᵀ → [b, L, V]`, the head detached.
+pub fn logits<B: Backend>(features: Tensor<B, 3>, lm_head: Tensor<B, 2>) -> Tensor<B, 3> {
+    let [b, l, h] = features.dims();
+    let v = lm_head.dims()[0];
+    features
+        .reshape([b * l, h])
+        .matmul(lm_head.detach().transpose())
+        .reshape([b, l, v])
+}
+
+/// The draft's log-probabilities `log_softmax(lm_head(predict))`, `[b, L, V]`.
+pub fn draft_log_probs<B: Backend>(predict: Tensor<B, 3>, lm_head: Tensor<B, 2>) -> Tensor<B, 3> {
+    log_softmax(logits(predict, lm_head), 2)
+}
+
+/// The target distribution `softmax(lm_head(target_features))`, detached.
+pub fn target_probs<B: Backend>(
+    target_features: Tensor<B, 3>,
+    lm_head: Tensor<B, 2>,
+) -> Tensor<B, 3> {
+    softmax(logits(target_features.detach(), lm_head), 2).detach()
+}
+
+/// `Σ_{b,t} M · per_row / (ΣM + 1e-5)` for `per_row` `[b, L]`.
+fn masked_mean<B: Backend>(per_row: Tensor<B, 2>, mask: Tensor<B, 2>) -> Tensor<B, 1> {
+    let mask = mask.detach();
+    let n = mask.clone().sum() + 1e-5;
+    (per_row * mask).sum() / n
+}
+
+/// SmoothL1 (β = 1) between `predict` and `target` `[b, L, H]`, mean over H, masked
+/// mean over rows.
+pub fn vloss<B: Backend>(
+    predict: Tensor<B, 3>,
+    target: Tensor<B, 3>,
+    mask: Tensor<B, 2>,
+) -> Tensor<B, 1> {
+    let [b, l, _] = predict.dims();
+    let a = (predict - target.detach()).abs();
+    let quad = a.clone().clamp_max(1.0);
+    // |d| < 1: ½d²; else ½ + (|d| − 1) = |d| − ½.
+    let per = quad.clone() * quad.clone() * 0.5 + (a - quad);
+    masked_mean(per.mean_dim(2).reshape([b, l]), mask)
+}
+
+/// Soft cross-entropy `−Σ M·p·log q / N` from the draft's log-probabilities `logq`
+/// and the target probabilities `p` (both `[b, L, V]`).
+pub fn ploss<B: Backend>(logq: Tensor<B, 3>, p: Tensor<B, 3>, mask: Tensor<B, 2>) -> Tensor<B, 1> {
+    let [b, l, _] = logq.dims();
+    let per = (p.detach() * logq).sum_dim(2).reshape([b, l]).neg();
+    masked_mean(per, mask)
+}
+
+/// The HASS top-K loss: the soft cross-entropy restricted to the target's top-`k`
+/// tokens, weighted by their unnormalised probabilities.
+pub fn topk_loss<B: Backend>(
+    logq: Tensor<B, 3>,
+    p: Tensor<B, 3>,
+    k: usize,
+    mask: Tensor<B, 2>,
+) -> Tensor<B, 1> {
+    let [b, l, _] = logq.dims();
+    let (pk, ids) = p.detach().topk_with_indices(k, 2);
+    let per = (pk * logq.gather(2, ids)).sum_dim(2).reshape([b, l]).neg();
+    masked_mean(per, mask)
+}
+
+/// The combined loss with tensor ops only: `(loss, vloss, ploss, topk_loss)`.
+pub fn reference_loss<B: Backend>(
+    predict: Tensor<B, 3>,
+    target_features: Tensor<B, 3>,
+    mask: Tensor<B, 2>,
+    lm_head: Tensor<B, 2>,
+    weights: &LossWeights,
+) -> (Tensor<B, 1>, Tensor<B, 1>, Tensor<B, 1>, Tensor<B, 1>) {
+    let p = target_probs(target_features.clone(), lm_head.clone());
+    let v = vloss(predict.clone(), target_features, mask.clone());
+    let logq = draft_log_probs(predict, lm_head);
+    let pl = ploss(logq.clone(), p.clone(), mask.clone());
+    let tl = topk_loss(logq, p, weights.k, mask);
+    let loss = v.clone() * weights.v_w + pl.clone() * weights.p_w + tl.clone() * weights.topk_w;
+    (loss, v, pl, tl)
+}
+
+/// Counts, over rows with `mask > 0`, whether `target_argmax` (`[b, L]`) is among the
+/// top-1/2/3 of the draft's `scores` (`[b, L, V]`, logits or log-probabilities).
+pub fn topk_accuracy<B: Backend>(
+    scores: Tensor<B, 3>,
+    target_argmax: Tensor<B, 2, Int>,
+    mask: Tensor<B, 2>,
+) -> TopkAccuracy {
+    let [b, l, v] = scores.dims();
+    let kk = 3.min(v);
+    let (_, ids) = scores.detach().topk_with_indices(kk, 2);
+    let ids: Vec<i64> = ids
+        .into_data()
+        .convert::<i64>()
+        .into_vec()
+        .expect("int data");
+    let am: Vec<i64> = target_argmax
+        .into_data()
+        .convert::<i64>()
+        .into_vec()
+        .expect("int data");
+    let m = host_f32(mask);
+    let mut acc = TopkAccuracy::default();
+    for r in 0..b * l {
+        if m[r] != 0.0 {
+            acc.count(ids[r * kk..(r + 1) * kk].iter().position(|&t| t == am[r]));
+        }
+    }
+    acc
+}
