@@ -36,9 +36,11 @@ pub struct DatagenOptions {
     pub max_len: usize,
     /// A name for the target, recorded in the manifest and every shard.
     pub model_name: String,
-    /// Samples run concurrently (threads sharing the model). The CPU backend runs a
-    /// prefill mostly on one core, so set this to the number of cores there; keep 1 on
-    /// a GPU. Does not change the output (it is not part of the manifest).
+    /// Samples run concurrently (threads sharing the model); the output is identical
+    /// for any value (it is not part of the manifest). Keep 1 on a GPU. On the 2-core
+    /// dev VM with burn-flex, 2 workers gave no gain (89 vs 94 tokens/s on SmolLM2:
+    /// long prefills are bound by attention memory traffic); it may help on CPUs with
+    /// more cores and memory bandwidth.
     pub workers: usize,
 }
 
