@@ -82,7 +82,7 @@ impl<B: Backend> AttnContext<B> {
             None if t == 1 => None,
             None => Some(Self::mask_tensor(t, past, t, |i, j| j <= i, rep, device)),
             Some(m) => {
-                let cols = if t == 0 { 0 } else { m.len() / t };
+                let cols = m.len().checked_div(t).unwrap_or(0);
                 if t == 0 || m.len() != t * cols || cols < t || cols > past + t {
                     return Err(HassError::InvalidArgument(format!(
                         "tree mask of {} entries for {t} new tokens on {past} cached positions \

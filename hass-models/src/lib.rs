@@ -11,7 +11,7 @@ pub mod kv_cache;
 mod layer;
 pub mod llama;
 pub mod load;
-mod loader;
+pub mod loader;
 pub mod safetensors_dir;
 pub mod weights;
 

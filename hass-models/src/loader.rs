@@ -10,7 +10,8 @@ use hass_core::{HassError, Result};
 
 use crate::weights::WeightSource;
 
-pub(crate) struct Loader<'a> {
+/// Checked reads from a [`WeightSource`] (shared by every model that loads weights).
+pub struct Loader<'a> {
     pub source: &'a dyn WeightSource,
     /// Storage dtype of the matrices.
     pub dtype: DType,

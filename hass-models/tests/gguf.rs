@@ -385,7 +385,7 @@ impl Builder {
         out.extend_from_slice(&self.n_kv_override.unwrap_or(self.n_kv).to_le_bytes());
         out.extend_from_slice(&self.kvs);
         out.extend_from_slice(&self.infos);
-        while out.len() % alignment != 0 {
+        while !out.len().is_multiple_of(alignment) {
             out.push(0);
         }
         out.extend_from_slice(&self.data);

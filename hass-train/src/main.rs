@@ -12,8 +12,8 @@ use clap::{Parser, Subcommand};
 use hass_models::assets::{ensure, Asset};
 use hass_models::{default_device, load_model, DefaultBackend, WeightDtype};
 use hass_train::data::{
-    generate_shards, read_corpus, render_corpus, shuffle_conversations, DatagenOptions, FeatureDtype, RenderOptions,
-    ShardDataset,
+    generate_shards, read_corpus, render_corpus, shuffle_conversations, DatagenOptions,
+    FeatureDtype, RenderOptions, ShardDataset,
 };
 use hass_train::train::{train, RunOptions, TrainPlan};
 
@@ -96,19 +96,43 @@ fn target_path(model: Option<PathBuf>) -> Result<PathBuf> {
 
 fn main() -> Result<()> {
     match Cli::parse().command {
-        Command::Datagen { model, corpus, limit, seed, max_len, system, shard_size, dtype, out } => {
+        Command::Datagen {
+            model,
+            corpus,
+            limit,
+            seed,
+            max_len,
+            system,
+            shard_size,
+            dtype,
+            out,
+        } => {
             let path = target_path(model)?;
             let loaded = load_model::<DefaultBackend>(&path, &default_device(), WeightDtype::F32)
                 .with_context(|| format!("loading {}", path.display()))?;
-            let corpus_path = if corpus == "sharegpt" { ensure(Asset::ShareGpt)? } else { PathBuf::from(&corpus) };
+            let corpus_path = if corpus == "sharegpt" {
+                ensure(Asset::ShareGpt)?
+            } else {
+                PathBuf::from(&corpus)
+            };
             let (mut convs, read) = read_corpus(&corpus_path)?;
-            eprintln!("{}: {} conversations kept, {} skipped", corpus_path.display(), read.kept(), read.skipped);
+            eprintln!(
+                "{}: {} conversations kept, {} skipped",
+                corpus_path.display(),
+                read.kept(),
+                read.skipped
+            );
             shuffle_conversations(&mut convs, seed);
             if limit > 0 {
                 convs.truncate(limit);
             }
-            let opts = RenderOptions { max_len, system_prompt: system, ..Default::default() };
-            let (samples, rep) = render_corpus(&convs, &loaded.tokenizer, &loaded.chat_template, &opts)?;
+            let opts = RenderOptions {
+                max_len,
+                system_prompt: system,
+                ..Default::default()
+            };
+            let (samples, rep) =
+                render_corpus(&convs, &loaded.tokenizer, &loaded.chat_template, &opts)?;
             eprintln!(
                 "rendered {} samples ({} tokens, {} in the loss mask); {} failed, {} with an empty mask",
                 rep.rendered, rep.tokens, rep.masked_tokens, rep.failed, rep.empty_mask
@@ -118,15 +142,36 @@ fn main() -> Result<()> {
                 "bf16" => FeatureDtype::Bf16,
                 other => anyhow::bail!("--dtype {other}: use f16 or bf16"),
             };
-            let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            let dg = DatagenOptions { shard_size, dtype, max_len, model_name: name, ..Default::default() };
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let dg = DatagenOptions {
+                shard_size,
+                dtype,
+                max_len,
+                model_name: name,
+                ..Default::default()
+            };
             let report = generate_shards(&loaded.model, samples, &out, &dg, true)?;
             eprintln!(
                 "{} shards ({} written, {} kept); {} tokens in {:.1} s = {:.1} tokens/s",
-                report.shards, report.shards_written, report.shards_skipped, report.tokens_computed, report.seconds, report.tokens_per_sec
+                report.shards,
+                report.shards_written,
+                report.shards_skipped,
+                report.tokens_computed,
+                report.seconds,
+                report.tokens_per_sec
             );
         }
-        Command::Train { model, data, config, out, init, stop_after_epochs } => {
+        Command::Train {
+            model,
+            data,
+            config,
+            out,
+            init,
+            stop_after_epochs,
+        } => {
             let path = target_path(model)?;
             let loaded = load_model::<DefaultBackend>(&path, &default_device(), WeightDtype::F32)
                 .with_context(|| format!("loading {}", path.display()))?;
@@ -137,7 +182,11 @@ fn main() -> Result<()> {
             let data = ShardDataset::open(&data, loaded.model.config().hidden_size)?;
             std::fs::create_dir_all(&out)?;
             std::fs::write(out.join("plan.json"), serde_json::to_string_pretty(&plan)?)?;
-            let run = RunOptions { init, progress: true, stop_after_epochs };
+            let run = RunOptions {
+                init,
+                progress: true,
+                stop_after_epochs,
+            };
             for r in train::<Ad>(&loaded.model, &data, &plan, &out, &run)? {
                 let last = r.epochs.last().cloned().unwrap_or_default();
                 eprintln!(

@@ -32,14 +32,13 @@
 //! Summing the forwards' losses and running one backward gives the same gradients as
 //! the reference's backward per forward, because the streams are detached.
 
-use std::collections::BTreeSet;
-
 use burn::module::Param;
 use burn::nn::Linear;
 use burn::prelude::*;
 use burn::tensor::activation::{silu, softmax};
 use hass_core::config::ModelConfig;
 use hass_core::{HassError, Result};
+use hass_models::loader::Loader;
 use hass_models::{MemoryWeights, WeightSource};
 
 use crate::align;
@@ -112,61 +111,28 @@ fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
         .expect("f32 data")
 }
 
-/// Reads tensors from a source, checking shapes and recording what was used.
-struct Reader<'a> {
-    source: &'a dyn WeightSource,
-    used: BTreeSet<String>,
-}
-
-impl Reader<'_> {
-    fn read(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
-        let found = self
-            .source
-            .shape(name)
-            .ok_or_else(|| HassError::MissingTensor {
-                file: self.source.describe(),
-                name: name.to_string(),
-            })?;
-        if found != shape {
-            return Err(HassError::ShapeMismatch {
-                file: self.source.describe(),
-                name: name.to_string(),
-                expected: shape.to_vec(),
-                found,
-            });
-        }
-        self.used.insert(name.to_string());
-        self.source.read_f32(name)
-    }
-
-    fn has(&self, name: &str) -> bool {
-        self.source.shape(name).is_some()
-    }
-
-    /// A Linear from the HF weight `[out, in]` (and bias `[out]` when `bias`).
-    fn linear<B: Backend>(
-        &mut self,
-        name: &str,
-        d_in: usize,
-        d_out: usize,
-        bias: bool,
-        device: &B::Device,
-    ) -> Result<Linear<B>> {
-        let w = self.read(&format!("{name}.weight"), &[d_out, d_in])?;
-        let w = transpose(&w, d_out, d_in);
-        let weight =
-            Param::from_tensor(Tensor::from_data(TensorData::new(w, [d_in, d_out]), device));
-        let bias = if bias {
-            let b = self.read(&format!("{name}.bias"), &[d_out])?;
-            Some(Param::from_tensor(Tensor::from_data(
-                TensorData::new(b, [d_out]),
-                device,
-            )))
-        } else {
-            None
-        };
-        Ok(Linear { weight, bias })
-    }
+/// A Linear from the HF weight `[out, in]` (and bias `[out]` when `bias`).
+fn linear<B: Backend>(
+    ld: &Loader,
+    name: &str,
+    d_in: usize,
+    d_out: usize,
+    bias: bool,
+    device: &B::Device,
+) -> Result<Linear<B>> {
+    let w = ld.read(&format!("{name}.weight"), &[d_out, d_in])?;
+    let w = transpose(&w, d_out, d_in);
+    let weight = Param::from_tensor(Tensor::from_data(TensorData::new(w, [d_in, d_out]), device));
+    let bias = if bias {
+        let b = ld.read(&format!("{name}.bias"), &[d_out])?;
+        Some(Param::from_tensor(Tensor::from_data(
+            TensorData::new(b, [d_out]),
+            device,
+        )))
+    } else {
+        None
+    };
+    Ok(Linear { weight, bias })
 }
 
 /// Rotate-half RoPE with `cos`/`sin` of the same shape as `x` (`[b, heads, t, hd]`).
@@ -202,21 +168,39 @@ impl<B: Backend> TrainDraft<B> {
         let c = config;
         let (h, inter, hd) = (c.hidden_size, c.intermediate_size, c.head_dim);
         let (qd, kvd) = (c.num_attention_heads * hd, c.num_key_value_heads * hd);
-        let mut rd = Reader {
-            source,
-            used: BTreeSet::new(),
-        };
-        let fc_bias = rd.has("fc.bias");
+        let rd = Loader::new(source, burn::tensor::DType::F32);
+        let fc_bias = source.shape("fc.bias").is_some();
         let qkv_bias = c.attention_bias;
         let p = "layers.0";
-        let fc = rd.linear("fc", 2 * h, h, fc_bias, device)?;
-        let q_proj = rd.linear(&format!("{p}.self_attn.q_proj"), h, qd, qkv_bias, device)?;
-        let k_proj = rd.linear(&format!("{p}.self_attn.k_proj"), h, kvd, qkv_bias, device)?;
-        let v_proj = rd.linear(&format!("{p}.self_attn.v_proj"), h, kvd, qkv_bias, device)?;
-        let o_proj = rd.linear(&format!("{p}.self_attn.o_proj"), qd, h, false, device)?;
-        let gate_proj = rd.linear(&format!("{p}.mlp.gate_proj"), h, inter, false, device)?;
-        let up_proj = rd.linear(&format!("{p}.mlp.up_proj"), h, inter, false, device)?;
-        let down_proj = rd.linear(&format!("{p}.mlp.down_proj"), inter, h, false, device)?;
+        let fc = linear(&rd, "fc", 2 * h, h, fc_bias, device)?;
+        let q_proj = linear(
+            &rd,
+            &format!("{p}.self_attn.q_proj"),
+            h,
+            qd,
+            qkv_bias,
+            device,
+        )?;
+        let k_proj = linear(
+            &rd,
+            &format!("{p}.self_attn.k_proj"),
+            h,
+            kvd,
+            qkv_bias,
+            device,
+        )?;
+        let v_proj = linear(
+            &rd,
+            &format!("{p}.self_attn.v_proj"),
+            h,
+            kvd,
+            qkv_bias,
+            device,
+        )?;
+        let o_proj = linear(&rd, &format!("{p}.self_attn.o_proj"), qd, h, false, device)?;
+        let gate_proj = linear(&rd, &format!("{p}.mlp.gate_proj"), h, inter, false, device)?;
+        let up_proj = linear(&rd, &format!("{p}.mlp.up_proj"), h, inter, false, device)?;
+        let down_proj = linear(&rd, &format!("{p}.mlp.down_proj"), inter, h, false, device)?;
         let norm = rd.read(&format!("{p}.post_attention_layernorm.weight"), &[h])?;
         if let Some(shape) = source.shape("embed_tokens.weight") {
             if shape != [c.vocab_size, h] {
@@ -228,16 +212,8 @@ impl<B: Backend> TrainDraft<B> {
                 });
             }
         }
-        if let Some(extra) = source.tensor_names().into_iter().find(|n| {
-            !rd.used.contains(n)
-                && n != "embed_tokens.weight"
-                && !n.ends_with("rotary_emb.inv_freq")
-        }) {
-            return Err(HassError::UnexpectedTensor {
-                file: source.describe(),
-                name: extra,
-            });
-        }
+        rd.skip("embed_tokens.weight"); // the target's embedding is used
+        rd.check_all_used(|n| n.ends_with("rotary_emb.inv_freq"))?;
         Ok(TrainDraft {
             fc,
             q_proj,

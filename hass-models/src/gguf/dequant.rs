@@ -26,7 +26,7 @@ pub fn dequantize_raw(ty: GgmlType, bytes: &[u8], n_elements: usize) -> Result<V
         )));
     }
     let (block, type_size) = ty.block_layout();
-    if n_elements % block != 0 || n_elements / block * type_size != bytes.len() {
+    if !n_elements.is_multiple_of(block) || n_elements / block * type_size != bytes.len() {
         return Err(HassError::InvalidArgument(format!(
             "{n_elements} {ty} values need {} bytes in whole blocks of {block}, got {}",
             n_elements.div_ceil(block) * type_size,

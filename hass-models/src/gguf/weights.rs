@@ -76,7 +76,7 @@ fn check_permute_shape(n_rows: usize, row_len: usize, len: usize, n_head: usize)
             "llama row permutation: {len} values are not {n_rows} rows of {row_len}"
         )));
     }
-    if n_head == 0 || n_rows % (2 * n_head) != 0 {
+    if n_head == 0 || !n_rows.is_multiple_of(2 * n_head) {
         return Err(HassError::InvalidArgument(format!(
             "llama row permutation: {n_rows} rows do not split into {n_head} heads of an even size"
         )));
