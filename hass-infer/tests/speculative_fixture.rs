@@ -1,20 +1,13 @@
 //! Speculative decoding on the small fixture models: greedy output equals vanilla
 //! token for token, the oracle drafter is accepted to full depth, bad trees error.
 
-use std::path::PathBuf;
-
 use hass_core::tree::TreeParams;
 use hass_infer::{GenerationConfig, SpeculativeGenerator, StopReason, VanillaGenerator};
-use hass_models::{load_hf_model, DraftHead, Llama};
+use hass_models::DraftHead;
 
-type B = burn::backend::Flex;
+mod common;
 
-fn model(name: &str) -> Llama<B> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/fixtures/models")
-        .join(name);
-    load_hf_model::<B>(dir, &Default::default()).unwrap()
-}
+use common::*;
 
 fn prompts() -> Vec<Vec<u32>> {
     (0..6)
@@ -29,7 +22,7 @@ fn prompts() -> Vec<Vec<u32>> {
 #[test]
 fn greedy_speculative_equals_vanilla_with_a_random_head_and_the_oracle() {
     for name in ["llama2", "llama3", "qwen2"] {
-        let m = model(name);
+        let m = fixture_model(name);
         let head = DraftHead::random(&m, 7).unwrap();
         let cfg = GenerationConfig {
             max_new_tokens: 40,
@@ -74,7 +67,7 @@ fn greedy_speculative_equals_vanilla_with_a_random_head_and_the_oracle() {
 
 #[test]
 fn stops_inside_an_accepted_chunk_like_vanilla() {
-    let m = model("llama3");
+    let m = fixture_model("llama3");
     let prompt = prompts()[2].clone();
     let free = GenerationConfig {
         max_new_tokens: 30,
@@ -140,7 +133,7 @@ fn stops_inside_an_accepted_chunk_like_vanilla() {
 
 #[test]
 fn bad_tree_parameters_and_missing_drafter_are_errors() {
-    let m = model("llama2");
+    let m = fixture_model("llama2");
     let head = DraftHead::random(&m, 0).unwrap();
     assert!(TreeParams::new(0, 3, 3).is_err());
     assert!(TreeParams::new(5, 3, 0).is_err());

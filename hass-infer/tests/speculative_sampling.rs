@@ -5,31 +5,20 @@
 //! freedom at a false-alarm rate of 0.1% is 26.12. Seeds are fixed, so the test is
 //! deterministic.
 
-use std::path::PathBuf;
-
 use hass_core::sampling::{LogitsProcessor, SamplingParams};
 use hass_core::tree::TreeParams;
 use hass_infer::{GenerationConfig, SpeculativeGenerator};
-use hass_models::{load_hf_model, DraftHead, Llama, LogitRows};
+use hass_models::{DraftHead, Llama};
 
-type B = burn::backend::Flex;
+mod common;
+
+use common::*;
 
 const SEEDS: u64 = 3000;
 const CHI2_8DF_P001: f64 = 26.12;
 
 fn probs_after(m: &Llama<B>, seq: &[u32], params: &SamplingParams) -> Vec<f32> {
-    let pos: Vec<usize> = (0..seq.len()).collect();
-    let out = m
-        .forward(
-            seq,
-            &pos,
-            &mut m.new_cache(seq.len()),
-            None,
-            LogitRows::Last,
-        )
-        .unwrap();
-    let logits: Vec<f32> = out.logits.unwrap().into_data().into_vec().unwrap();
-    LogitsProcessor::new(params).probs(&logits)
+    LogitsProcessor::new(params).probs(&last_logits(m, seq))
 }
 
 fn chi2_of(
@@ -71,8 +60,7 @@ fn chi2_of(
 
 #[test]
 fn first_two_sampled_tokens_follow_the_target_distribution() {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models/llama3");
-    let m = load_hf_model::<B>(dir, &Default::default()).unwrap();
+    let m = fixture_model("llama3");
     let head = DraftHead::random(&m, 3).unwrap();
     let prompt = vec![4u32, 300, 41, 77, 120];
     let base = SamplingParams::new(1.0, 3, 1.0, 0).unwrap();

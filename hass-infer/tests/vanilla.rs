@@ -1,40 +1,18 @@
 //! Vanilla generation on the fixture models: greedy output equals argmax of a full
 //! recomputation at every step; stop conditions and bad requests behave.
 
-use std::path::PathBuf;
-
 use hass_core::sampling::{argmax, SamplingParams};
 use hass_core::HassError;
 use hass_infer::{GenerationConfig, StopReason, VanillaGenerator};
-use hass_models::{load_hf_model, Llama, LogitRows};
 
-type B = burn::backend::Flex;
+mod common;
 
-fn model(name: &str) -> Llama<B> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/fixtures/models")
-        .join(name);
-    load_hf_model::<B>(dir, &Default::default()).unwrap()
-}
-
-fn last_logits(m: &Llama<B>, seq: &[u32]) -> Vec<f32> {
-    let pos: Vec<usize> = (0..seq.len()).collect();
-    let out = m
-        .forward(
-            seq,
-            &pos,
-            &mut m.new_cache(seq.len()),
-            None,
-            LogitRows::Last,
-        )
-        .unwrap();
-    out.logits.unwrap().into_data().into_vec::<f32>().unwrap()
-}
+use common::*;
 
 #[test]
 fn greedy_generation_equals_argmax_of_full_recomputation() {
     for name in ["llama2", "llama3", "qwen2"] {
-        let m = model(name);
+        let m = fixture_model(name);
         let prompt = vec![20u32, 31, 42, 53, 64];
         let cfg = GenerationConfig {
             max_new_tokens: 12,
@@ -68,7 +46,7 @@ fn greedy_generation_equals_argmax_of_full_recomputation() {
 
 #[test]
 fn stops_on_a_stop_token_and_keeps_it() {
-    let m = model("llama2");
+    let m = fixture_model("llama2");
     let prompt = vec![20u32, 31, 42];
     let cfg = GenerationConfig {
         max_new_tokens: 8,
@@ -93,7 +71,7 @@ fn stops_on_a_stop_token_and_keeps_it() {
 
 #[test]
 fn context_limit_cancellation_and_bad_requests() {
-    let m = model("llama2"); // max_position_embeddings = 256
+    let m = fixture_model("llama2"); // max_position_embeddings = 256
     let cfg = GenerationConfig {
         max_new_tokens: 1000,
         stop_tokens: vec![u32::MAX],
@@ -148,7 +126,7 @@ fn context_limit_cancellation_and_bad_requests() {
 
 #[test]
 fn sampling_is_reproducible_for_a_seed() {
-    let m = model("qwen2");
+    let m = fixture_model("qwen2");
     let sampling = SamplingParams::new(1.0, 0, 0.9, 7).unwrap();
     let cfg = GenerationConfig {
         max_new_tokens: 10,
