@@ -484,6 +484,7 @@ fn checkpoint<AD: AutodiffBackend, O: Optimizer<TrainDraft<AD>, AD>>(
         std::fs::rename(scratch.join(name), dir.join(name))
             .map_err(|e| HassError::io(dir.join(name), e))?;
     }
+    std::fs::remove_dir(&scratch).map_err(|e| HassError::io(&scratch, e))?;
     let mut file_log = std::fs::read_to_string(dir.join("log.jsonl")).unwrap_or_default();
     file_log += log;
     write_atomic(&dir.join("log.jsonl"), file_log.as_bytes())?;
