@@ -221,12 +221,12 @@ fn common_prefix_len(a: &str, b: &str) -> usize {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use serde_json::json;
 
     /// GPT-2's byte → printable-char table used by byte-level BPE.
-    fn bytes_to_unicode() -> Vec<char> {
+    pub(crate) fn bytes_to_unicode() -> Vec<char> {
         let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32)
             .chain(0xA1..=0xAC)
             .chain(0xAE..=0xFF)

@@ -580,24 +580,10 @@ mod tests {
 
     /// GPT-2's byte → char table.
     fn byte_chars() -> Vec<String> {
-        let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32)
-            .chain(0xA1..=0xAC)
-            .chain(0xAE..=0xFF)
-            .collect();
-        let mut cs = bs.clone();
-        let mut n = 0;
-        for b in 0..256u32 {
-            if !bs.contains(&b) {
-                bs.push(b);
-                cs.push(256 + n);
-                n += 1;
-            }
-        }
-        let mut table = vec![String::new(); 256];
-        for (b, c) in bs.into_iter().zip(cs) {
-            table[b as usize] = char::from_u32(c).unwrap().to_string();
-        }
-        table
+        crate::tokenizer::tests::bytes_to_unicode()
+            .iter()
+            .map(char::to_string)
+            .collect()
     }
 
     fn tiny_bpe(pre: &str, add_bos: Option<u32>) -> Result<Tokenizer> {
