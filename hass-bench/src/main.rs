@@ -3,12 +3,15 @@
 //! ```text
 //! cargo run --release -p hass-bench -- speed                 # SmolLM2 (default model)
 //! cargo run --release -p hass-bench -- speed --model m.gguf --json out.json
+//! cargo run --release -p hass-bench -- eval --limit 3     # vanilla / EAGLE / HASS heads
+//! cargo run --release -p hass-bench -- eval --sweep --limit 1 --sets mt_bench
 //! ```
 
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use hass_bench::eval_cli::{run_eval, EvalArgs};
 use hass_bench::speed::{run_speed, SpeedOptions};
 use hass_models::assets::{ensure, Asset};
 use hass_models::backend::backend_name;
@@ -44,6 +47,8 @@ enum Command {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// τ and speedup of draft heads over vanilla on the six prompt sets (spec §6).
+    Eval(EvalArgs),
 }
 
 fn main() -> Result<()> {
@@ -83,6 +88,7 @@ fn main() -> Result<()> {
                     .with_context(|| format!("writing {}", p.display()))?;
             }
         }
+        Command::Eval(args) => run_eval(args)?,
     }
     Ok(())
 }

@@ -37,7 +37,7 @@ use crate::error::{HassError, Result};
 /// root**, so the target verifies `total_tokens + 1` tokens per round. The
 /// reference scripts' `total_token = 60` is `total_tokens = 59` here (see
 /// [`TreeParams::from_total_token`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct TreeParams {
     /// Draft nodes selected for verification, excluding the root.
     pub total_tokens: usize,

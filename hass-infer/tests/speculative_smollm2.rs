@@ -1,7 +1,7 @@
 //! Losslessness on real weights: on SmolLM2-135M-Instruct (f32), greedy speculative
 //! decoding is token-identical to vanilla decoding for 20 benchmark prompts (the
 //! first 4 of MT-bench, HumanEval, GSM8K, Alpaca and QA, copied into
-//! `tests/fixtures/bench-prompts`), through the chat template, up to 128 new tokens,
+//! `bench-prompts/`), through the chat template, up to 128 new tokens,
 //! with a random draft head and with the oracle drafter, which must be accepted to
 //! full depth in every round.
 
@@ -19,7 +19,7 @@ type B = burn::backend::Flex;
 const ORACLE_DEPTH: usize = 4;
 
 fn bench_prompts() -> Vec<String> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/bench-prompts");
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../bench-prompts");
     let mut out = Vec::new();
     for set in ["mt_bench", "humaneval", "gsm8k", "alpaca", "qa"] {
         let path = dir.join(format!("{set}.jsonl"));

@@ -20,7 +20,8 @@ use crate::loader::Loader;
 use crate::weights::WeightSource;
 
 /// Storage dtype of the weight matrices.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum WeightDtype {
     #[default]
     F32,

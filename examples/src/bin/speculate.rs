@@ -1,5 +1,6 @@
 //! The same prompt decoded twice, vanilla then speculative, on SmolLM2-135M-Instruct
-//! (default, fetched on first use) or any `--model`, with a draft head (`--draft DIR`,
+//! (default, fetched on first use) or any `--model`, with a draft head (default: the
+//! committed HASS head `heads/smollm2-hass`; `--draft DIR` for another one in the
 //! EAGLE/HASS layout), a random head (`--draft random`) or the oracle drafter
 //! (`--draft oracle`: the target drafts for itself, so every draft is right — a
 //! correctness check, not a speedup). Prints both texts, whether they are equal
@@ -7,7 +8,7 @@
 //!
 //! ```text
 //! cargo run --release -p hass-examples --bin speculate -- --chat "Name three primary colors."
-//! cargo run --release -p hass-examples --bin speculate -- --draft path/to/head --tree 15,4,4
+//! cargo run --release -p hass-examples --bin speculate -- --draft heads/smollm2-eagle --tree 15,4,4
 //! ```
 
 use std::path::PathBuf;
@@ -28,9 +29,10 @@ struct Args {
     /// HF model directory or .gguf [default: SmolLM2-135M-Instruct Q4_1]
     #[arg(long)]
     model: Option<PathBuf>,
-    /// Draft head directory, `random` or `oracle`.
-    #[arg(long, default_value = "oracle")]
-    draft: String,
+    /// Draft head directory, `random` or `oracle` [default: heads/smollm2-hass, for
+    /// the default model]
+    #[arg(long)]
+    draft: Option<String>,
     /// A user message (rendered with the chat template).
     #[arg(long, default_value = "Give me three tips for staying healthy.")]
     chat: String,
@@ -57,6 +59,7 @@ fn main() -> Result<()> {
     };
     let tree = TreeParams::new(total, depth, top_k)?;
     let sampling = SamplingParams::new(args.temperature, 0, 1.0, args.seed)?;
+    let default_model = args.model.is_none();
     let path = match args.model {
         Some(p) => p,
         None => ensure(Asset::SmolLm2)?,
@@ -78,9 +81,14 @@ fn main() -> Result<()> {
     let vanilla = VanillaGenerator::new(m).generate(&prompt, &config, |_| true)?;
     let vanilla_s = t.elapsed().as_secs_f64();
 
+    let draft = match (&args.draft, default_model) {
+        (Some(d), _) => d.clone(),
+        (None, true) => concat!(env!("CARGO_MANIFEST_DIR"), "/../heads/smollm2-hass").into(),
+        (None, false) => bail!("give this model's draft head with --draft DIR (or oracle/random)"),
+    };
     let head;
     let builder = SpeculativeGenerator::builder(m);
-    let mut generator = match args.draft.as_str() {
+    let mut generator = match draft.as_str() {
         "oracle" => {
             eprintln!("drafter: oracle (the target drafts for itself; a correctness check, slower than vanilla)");
             builder.oracle(args.oracle_depth).build()?
