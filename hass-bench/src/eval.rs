@@ -3,9 +3,9 @@
 //! chat template, one method right after the other so that machine drift hits all of
 //! them alike. MT-bench's second turn follows the method's own first answer.
 
+use hass_models::HassBackend;
 use std::time::Instant;
 
-use burn::prelude::*;
 use hass_core::chat::ChatMessage;
 use hass_core::sampling::SamplingParams;
 use hass_core::tree::TreeParams;
@@ -20,12 +20,12 @@ use crate::prompts::Question;
 pub const VANILLA: &str = "vanilla";
 
 /// A decoding method: vanilla, or a named draft head with its tree.
-pub struct Method<'a, B: Backend> {
+pub struct Method<'a, B: HassBackend> {
     pub name: String,
     pub head: Option<(&'a DraftHead<B>, TreeParams)>,
 }
 
-impl<'a, B: Backend> Method<'a, B> {
+impl<'a, B: HassBackend> Method<'a, B> {
     pub fn vanilla() -> Self {
         Method {
             name: VANILLA.into(),
@@ -111,7 +111,7 @@ pub fn sampling(temperature: f32, seed: u64, index: usize) -> Result<SamplingPar
 }
 
 /// Decodes every turn of `q` with `method`.
-pub fn run_question<'a, B: Backend>(
+pub fn run_question<'a, B: HassBackend>(
     target: &'a LoadedModel<B>,
     method: &Method<'a, B>,
     set: &str,
@@ -173,7 +173,7 @@ pub fn run_question<'a, B: Backend>(
 
 /// Runs every method on `q` (the first method must be vanilla) and marks, at T = 0,
 /// whether each speculative output equals vanilla's token for token.
-pub fn run_methods<'a, B: Backend>(
+pub fn run_methods<'a, B: HassBackend>(
     target: &'a LoadedModel<B>,
     methods: &[Method<'a, B>],
     set: &str,

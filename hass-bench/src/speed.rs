@@ -1,8 +1,8 @@
 //! The `speed` benchmark of one target model.
 
+use hass_models::HassBackend;
 use std::time::{Duration, Instant};
 
-use burn::prelude::*;
 use hass_core::Result;
 use hass_infer::{GenerationConfig, VanillaGenerator};
 use hass_models::{Llama, LogitRows};
@@ -68,7 +68,7 @@ fn median(mut xs: Vec<Duration>) -> Duration {
 }
 
 /// Runs the benchmark on a loaded model (`load_s` is measured by the caller).
-pub fn run_speed<B: Backend>(
+pub fn run_speed<B: HassBackend>(
     model: &Llama<B>,
     load_s: f64,
     opts: &SpeedOptions,

@@ -2,9 +2,9 @@
 //! small subset (first turns, T = 0) with every valid (total_tokens, depth, top_k) of a
 //! grid and comparing with vanilla on the same questions.
 
-use burn::prelude::*;
 use hass_core::tree::TreeParams;
 use hass_core::{HassError, Result};
+use hass_models::HassBackend;
 use hass_models::{DraftHead, LoadedModel};
 use serde::Serialize;
 
@@ -68,7 +68,7 @@ pub fn grid(totals: &[usize], depths: &[usize], top_ks: &[usize]) -> Vec<TreePar
 
 /// Decodes `questions` (first turns) with vanilla and with `head` under every tree of
 /// `grid`; `tick` is called after each decoded question.
-pub fn sweep<B: Backend>(
+pub fn sweep<B: HassBackend>(
     target: &LoadedModel<B>,
     head: &DraftHead<B>,
     questions: &[(String, Question)],

@@ -1,20 +1,20 @@
 //! One type for both decoders, so that an application switches between plain and
 //! speculative decoding with a single flag and keeps the rest of its code.
 
-use burn::prelude::*;
 use hass_core::Result;
+use hass_models::HassBackend;
 
 use crate::generation::{GenerationConfig, GenerationOutput};
 use crate::speculative::{SpeculativeGenerator, SpeculativeStats};
 use crate::vanilla::VanillaGenerator;
 
 /// Vanilla or speculative decoding behind one `generate`.
-pub enum Generator<'a, B: Backend> {
+pub enum Generator<'a, B: HassBackend> {
     Vanilla(VanillaGenerator<'a, B>),
     Speculative(SpeculativeGenerator<'a, B>),
 }
 
-impl<'a, B: Backend> Generator<'a, B> {
+impl<'a, B: HassBackend> Generator<'a, B> {
     /// See [`VanillaGenerator::generate`] and [`SpeculativeGenerator::generate`].
     pub fn generate(
         &mut self,
@@ -37,13 +37,13 @@ impl<'a, B: Backend> Generator<'a, B> {
     }
 }
 
-impl<'a, B: Backend> From<VanillaGenerator<'a, B>> for Generator<'a, B> {
+impl<'a, B: HassBackend> From<VanillaGenerator<'a, B>> for Generator<'a, B> {
     fn from(g: VanillaGenerator<'a, B>) -> Self {
         Generator::Vanilla(g)
     }
 }
 
-impl<'a, B: Backend> From<SpeculativeGenerator<'a, B>> for Generator<'a, B> {
+impl<'a, B: HassBackend> From<SpeculativeGenerator<'a, B>> for Generator<'a, B> {
     fn from(g: SpeculativeGenerator<'a, B>) -> Self {
         Generator::Speculative(g)
     }

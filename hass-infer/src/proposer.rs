@@ -7,10 +7,11 @@ use burn::prelude::*;
 use burn::tensor::activation::log_softmax;
 use hass_core::tree::{DraftTree, TreeBuilder, TreeParams};
 use hass_core::{HassError, Result};
+use hass_models::HassBackend;
 use hass_models::{DraftHead, KvCache, Llama, LogitRows};
 
 /// Drafts trees for the verifier and learns what was committed.
-pub trait Proposer<B: Backend> {
+pub trait Proposer<B: HassBackend> {
     /// Called once after the target's prefill: the prompt, its target features
     /// `[prompt, hidden]` and the first root (the token chosen from the prefill).
     fn start(&mut self, prompt: &[u32], features: Tensor<B, 2>, root: u32) -> Result<()>;
@@ -23,14 +24,14 @@ pub trait Proposer<B: Backend> {
     fn commit(&mut self, committed: &[u32], features: Tensor<B, 2>, next_root: u32) -> Result<()>;
 }
 
-pub(crate) fn host_f32<B: Backend, const D: usize>(t: Tensor<B, D>) -> Result<Vec<f32>> {
+pub(crate) fn host_f32<B: HassBackend, const D: usize>(t: Tensor<B, D>) -> Result<Vec<f32>> {
     t.into_data()
         .convert::<f32>()
         .into_vec::<f32>()
         .map_err(|e| HassError::InvalidArgument(format!("reading a tensor: {e:?}")))
 }
 
-fn host_ids<B: Backend, const D: usize>(t: Tensor<B, D, Int>) -> Result<Vec<u32>> {
+fn host_ids<B: HassBackend, const D: usize>(t: Tensor<B, D, Int>) -> Result<Vec<u32>> {
     let v = t
         .into_data()
         .convert::<i64>()
@@ -41,14 +42,14 @@ fn host_ids<B: Backend, const D: usize>(t: Tensor<B, D, Int>) -> Result<Vec<u32>
 
 /// Top-`k` tokens and log-probabilities of each row of `logits` (`[rows, vocab]`),
 /// row-major `[rows · k]`.
-fn top_k_log_probs<B: Backend>(logits: Tensor<B, 2>, k: usize) -> Result<(Vec<u32>, Vec<f32>)> {
+fn top_k_log_probs<B: HassBackend>(logits: Tensor<B, 2>, k: usize) -> Result<(Vec<u32>, Vec<f32>)> {
     let (values, idx) = log_softmax(logits, 1).topk_with_indices(k, 1);
     Ok((host_ids(idx)?, host_f32(values)?))
 }
 
 /// EAGLE-2 drafting with a draft head (spec §4.3): the head's KV cache holds the
 /// "stable" rows built from target features; tree rows are discarded each round.
-pub struct EagleProposer<'a, B: Backend> {
+pub struct EagleProposer<'a, B: HassBackend> {
     target: &'a Llama<B>,
     head: &'a DraftHead<B>,
     params: TreeParams,
@@ -59,7 +60,7 @@ pub struct EagleProposer<'a, B: Backend> {
     level1: (Vec<u32>, Vec<f32>),
 }
 
-impl<'a, B: Backend> EagleProposer<'a, B> {
+impl<'a, B: HassBackend> EagleProposer<'a, B> {
     pub fn new(target: &'a Llama<B>, head: &'a DraftHead<B>, params: TreeParams) -> Result<Self> {
         params.validate()?;
         if params.top_k > target.config().vocab_size {
@@ -96,7 +97,7 @@ impl<'a, B: Backend> EagleProposer<'a, B> {
     }
 }
 
-impl<B: Backend> Proposer<B> for EagleProposer<'_, B> {
+impl<B: HassBackend> Proposer<B> for EagleProposer<'_, B> {
     fn start(&mut self, prompt: &[u32], features: Tensor<B, 2>, root: u32) -> Result<()> {
         let context = self.target.config().max_position_embeddings;
         let tree_rows = self.params.depth * self.params.top_k;
@@ -161,13 +162,13 @@ impl<B: Backend> Proposer<B> for EagleProposer<'_, B> {
 /// chain token is accepted, so τ = depth + 1 every round: a check that tree
 /// positions, masks and KV compaction are right. Costs `depth + 1` extra target
 /// forwards per round: a validation tool, not a speedup.
-pub struct OracleProposer<'a, B: Backend> {
+pub struct OracleProposer<'a, B: HassBackend> {
     target: &'a Llama<B>,
     depth: usize,
     cache: Option<KvCache<B>>,
 }
 
-impl<'a, B: Backend> OracleProposer<'a, B> {
+impl<'a, B: HassBackend> OracleProposer<'a, B> {
     pub fn new(target: &'a Llama<B>, depth: usize) -> Result<Self> {
         if depth == 0 {
             return Err(HassError::InvalidArgument(
@@ -182,7 +183,7 @@ impl<'a, B: Backend> OracleProposer<'a, B> {
     }
 }
 
-impl<B: Backend> Proposer<B> for OracleProposer<'_, B> {
+impl<B: HassBackend> Proposer<B> for OracleProposer<'_, B> {
     fn start(&mut self, prompt: &[u32], _features: Tensor<B, 2>, _root: u32) -> Result<()> {
         let context = self.target.config().max_position_embeddings;
         let mut cache = self.target.new_cache(context + self.depth + 1);

@@ -4,6 +4,7 @@
 //! replaced by a token drawn from the target. Greedy output equals plain decoding;
 //! sampled output has exactly the target's distribution.
 
+use hass_models::HassBackend;
 use std::time::{Duration, Instant};
 
 use burn::prelude::*;
@@ -43,20 +44,20 @@ impl SpeculativeStats {
     }
 }
 
-enum Drafter<'a, B: Backend> {
+enum Drafter<'a, B: HassBackend> {
     Head(&'a DraftHead<B>, TreeParams),
     Oracle(usize),
     Custom(Box<dyn Proposer<B> + 'a>),
 }
 
 /// Builds a [`SpeculativeGenerator`].
-pub struct SpeculativeGeneratorBuilder<'a, B: Backend> {
+pub struct SpeculativeGeneratorBuilder<'a, B: HassBackend> {
     target: &'a Llama<B>,
     drafter: Option<Drafter<'a, B>>,
     tree: TreeParams,
 }
 
-impl<'a, B: Backend> SpeculativeGeneratorBuilder<'a, B> {
+impl<'a, B: HassBackend> SpeculativeGeneratorBuilder<'a, B> {
     /// Drafts with an EAGLE/HASS head.
     pub fn head(mut self, head: &'a DraftHead<B>) -> Self {
         self.drafter = Some(Drafter::Head(head, self.tree));
@@ -101,13 +102,13 @@ impl<'a, B: Backend> SpeculativeGeneratorBuilder<'a, B> {
 }
 
 /// Generates with a draft proposer and the target; see the module docs.
-pub struct SpeculativeGenerator<'a, B: Backend> {
+pub struct SpeculativeGenerator<'a, B: HassBackend> {
     target: &'a Llama<B>,
     drafter: Drafter<'a, B>,
     last_stats: SpeculativeStats,
 }
 
-impl<'a, B: Backend> SpeculativeGenerator<'a, B> {
+impl<'a, B: HassBackend> SpeculativeGenerator<'a, B> {
     pub fn builder(target: &'a Llama<B>) -> SpeculativeGeneratorBuilder<'a, B> {
         SpeculativeGeneratorBuilder {
             target,
@@ -242,9 +243,9 @@ impl<'a, B: Backend> SpeculativeGenerator<'a, B> {
 }
 
 /// Lends a boxed proposer to one request.
-struct ProposerRef<'p, B: Backend>(&'p mut dyn Proposer<B>);
+struct ProposerRef<'p, B: HassBackend>(&'p mut dyn Proposer<B>);
 
-impl<B: Backend> Proposer<B> for ProposerRef<'_, B> {
+impl<B: HassBackend> Proposer<B> for ProposerRef<'_, B> {
     fn start(&mut self, prompt: &[u32], features: Tensor<B, 2>, root: u32) -> Result<()> {
         self.0.start(prompt, features, root)
     }

@@ -1,6 +1,7 @@
 //! Plain autoregressive decoding through the KV cache: the reference every
 //! speculative result is compared with, token for token.
 
+use hass_models::HassBackend;
 use std::time::Instant;
 
 use burn::prelude::*;
@@ -11,7 +12,7 @@ use hass_models::{Llama, LogitRows};
 use crate::generation::{GenerationConfig, GenerationOutput, GenerationStats, StopReason};
 
 /// Copies a `[1, vocab]` logits tensor to the host.
-pub(crate) fn logits_row<B: Backend>(logits: Tensor<B, 2>) -> Result<Vec<f32>> {
+pub(crate) fn logits_row<B: HassBackend>(logits: Tensor<B, 2>) -> Result<Vec<f32>> {
     logits
         .into_data()
         .convert::<f32>()
@@ -20,11 +21,11 @@ pub(crate) fn logits_row<B: Backend>(logits: Tensor<B, 2>) -> Result<Vec<f32>> {
 }
 
 /// Decodes one token per target forward.
-pub struct VanillaGenerator<'a, B: Backend> {
+pub struct VanillaGenerator<'a, B: HassBackend> {
     target: &'a Llama<B>,
 }
 
-impl<'a, B: Backend> VanillaGenerator<'a, B> {
+impl<'a, B: HassBackend> VanillaGenerator<'a, B> {
     pub fn new(target: &'a Llama<B>) -> Self {
         VanillaGenerator { target }
     }
@@ -90,7 +91,7 @@ impl<'a, B: Backend> VanillaGenerator<'a, B> {
 
 /// Errors on an empty prompt or one that leaves no room in the context; returns the
 /// context length.
-pub(crate) fn check_prompt<B: Backend>(target: &Llama<B>, prompt: &[u32]) -> Result<usize> {
+pub(crate) fn check_prompt<B: HassBackend>(target: &Llama<B>, prompt: &[u32]) -> Result<usize> {
     let context = target.config().max_position_embeddings;
     if prompt.is_empty() {
         return Err(HassError::InvalidArgument("empty prompt".into()));
@@ -105,7 +106,10 @@ pub(crate) fn check_prompt<B: Backend>(target: &Llama<B>, prompt: &[u32]) -> Res
 }
 
 /// The request's stop tokens, or the model's EOS ids when it names none.
-pub(crate) fn stop_tokens<B: Backend>(target: &Llama<B>, config: &GenerationConfig) -> Vec<u32> {
+pub(crate) fn stop_tokens<B: HassBackend>(
+    target: &Llama<B>,
+    config: &GenerationConfig,
+) -> Vec<u32> {
     if config.stop_tokens.is_empty() {
         target.config().eos_token_ids.clone()
     } else {

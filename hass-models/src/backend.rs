@@ -1,5 +1,15 @@
-//! The backend picked by cargo features: `cuda` > `wgpu` > CPU (`burn-flex`, default).
-//! Library code stays generic over `B: Backend`; binaries and tests use this alias.
+//! The backend picked by cargo features: `cuda` > `wgpu` > CPU (`burn-flex`, default),
+//! and [`HassBackend`], Burn's backend-extension pattern for the one operation hass
+//! needs faster than Burn provides it on the CPU.
+//! Library code stays generic over `B: HassBackend`; binaries and tests use the alias.
+
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::flex::FlexTensor;
+use burn::backend::{Autodiff, Flex};
+use burn::prelude::*;
+use burn::tensor::{DType, TensorPrimitive};
+
+use crate::small_m::{self, Weights};
 
 #[cfg(feature = "cuda")]
 pub type DefaultBackend = burn::backend::Cuda;
@@ -7,6 +17,72 @@ pub type DefaultBackend = burn::backend::Cuda;
 pub type DefaultBackend = burn::backend::Wgpu;
 #[cfg(not(any(feature = "cuda", feature = "wgpu")))]
 pub type DefaultBackend = burn::backend::Flex;
+
+/// A Burn backend with hass's projection `x · w`. The default is Burn's matmul; the CPU
+/// backend overrides it for the few-row products of decoding and tree verification.
+pub trait HassBackend: Backend {
+    /// `x [m, k] · w [k, n]` for f32 activations and f32 or f16 weights; the result is
+    /// f32.
+    fn project(x: Tensor<Self, 2>, w: &Tensor<Self, 2>) -> Tensor<Self, 2> {
+        matmul(x, w)
+    }
+}
+
+/// Burn's matmul, computing in the weights' dtype.
+fn matmul<B: Backend>(x: Tensor<B, 2>, w: &Tensor<B, 2>) -> Tensor<B, 2> {
+    let dt = w.dtype();
+    if x.dtype() == dt {
+        x.matmul(w.clone())
+    } else {
+        x.cast(dt).matmul(w.clone()).cast(DType::F32)
+    }
+}
+
+/// Products with at most this many rows use [`small_m`] on the CPU. Tree verification
+/// stays below it, so decode steps and verifications share one kernel — whose rows do
+/// not depend on each other bit for bit, which keeps greedy speculative decoding
+/// token-identical to vanilla decoding (also with f16 weights).
+pub const SMALL_M_MAX_ROWS: usize = 64;
+
+impl HassBackend for Flex {
+    fn project(x: Tensor<Self, 2>, w: &Tensor<Self, 2>) -> Tensor<Self, 2> {
+        let ([m, k], [wk, n]) = (x.dims(), w.dims());
+        if m > SMALL_M_MAX_ROWS || k != wk || x.dtype() != DType::F32 {
+            return matmul(x, w);
+        }
+        let wp = w.clone().into_primitive().tensor();
+        let weights = match wp.dtype() {
+            DType::F32 => wp.as_slice::<f32>().map(Weights::F32),
+            DType::F16 => wp.as_slice::<half::f16>().map(Weights::F16),
+            _ => None,
+        };
+        let Some(weights) = weights else {
+            return matmul(x, w);
+        };
+        let device = x.device();
+        let xp: FlexTensor = x.into_primitive().tensor();
+        let xp = if xp.as_slice::<f32>().is_some() {
+            xp
+        } else {
+            xp.to_contiguous()
+        };
+        let xs = xp.as_slice::<f32>().expect("contiguous f32");
+        let mut out = vec![0.0f32; m * n];
+        small_m::matmul(xs, m, k, weights, n, &mut out);
+        Tensor::from_primitive(TensorPrimitive::Float(FlexTensor::from_data(
+            TensorData::new(out, [m, n]),
+        )))
+        .to_device(&device)
+    }
+}
+
+/// Training differentiates through Burn's matmul.
+impl<B: HassBackend, C: CheckpointStrategy> HassBackend for Autodiff<B, C> {}
+
+#[cfg(feature = "cuda")]
+impl HassBackend for burn::backend::Cuda {}
+#[cfg(feature = "wgpu")]
+impl HassBackend for burn::backend::Wgpu {}
 
 /// The default device of [`DefaultBackend`] (first GPU, or the CPU).
 pub fn default_device() -> burn::tensor::Device<DefaultBackend> {

@@ -20,6 +20,7 @@ use hass_core::{HassError, Result};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use crate::backend::HassBackend;
 use crate::kv_cache::KvCache;
 use crate::layer::{mm, AttnContext, DecoderLayer};
 use crate::llama::{Llama, WeightDtype};
@@ -63,7 +64,25 @@ impl WeightSource for StripPrefix<'_> {
     }
 }
 
-impl<B: Backend> DraftHead<B> {
+/// How [`DraftHead::save_as`] writes a head.
+#[derive(Debug, Clone, Copy)]
+pub struct SaveOptions {
+    pub dtype: WeightDtype,
+    /// Also write the target's embedding (`embed_tokens.weight`), as EAGLE's own
+    /// checkpoints do; hass ignores it on load, so without it a head is ~25× smaller.
+    pub with_embedding: bool,
+}
+
+impl Default for SaveOptions {
+    fn default() -> Self {
+        SaveOptions {
+            dtype: WeightDtype::F32,
+            with_embedding: true,
+        }
+    }
+}
+
+impl<B: HassBackend> DraftHead<B> {
     /// Loads the head in directory `dir` for `target`.
     pub fn load(dir: impl AsRef<Path>, target: &Llama<B>) -> Result<Self> {
         let dir = dir.as_ref();
@@ -174,6 +193,10 @@ impl<B: Backend> DraftHead<B> {
     /// The head's tensors in the EAGLE layout (the target's embedding included, as
     /// EAGLE-2-era loaders expect it).
     pub fn export(&self, target: &Llama<B>) -> MemoryWeights {
+        self.export_with(target, true)
+    }
+
+    fn export_with(&self, target: &Llama<B>, with_embedding: bool) -> MemoryWeights {
         let h = self.config.hidden_size;
         let host = |t: Tensor<B, 1>| {
             t.into_data()
@@ -182,18 +205,20 @@ impl<B: Backend> DraftHead<B> {
                 .expect("f32 data")
         };
         let mut w = MemoryWeights::new("draft head");
-        let embed = target
-            .embedding()
-            .clone()
-            .into_data()
-            .convert::<f32>()
-            .into_vec::<f32>()
-            .expect("f32 data");
-        w.insert(
-            "embed_tokens.weight",
-            vec![self.config.vocab_size, h],
-            embed,
-        );
+        if with_embedding {
+            let embed = target
+                .embedding()
+                .clone()
+                .into_data()
+                .convert::<f32>()
+                .into_vec::<f32>()
+                .expect("f32 data");
+            w.insert(
+                "embed_tokens.weight",
+                vec![self.config.vocab_size, h],
+                embed,
+            );
+        }
         w.insert(
             "fc.weight",
             vec![h, 2 * h],
@@ -208,8 +233,19 @@ impl<B: Backend> DraftHead<B> {
         w
     }
 
-    /// Writes `config.json` and `model.safetensors` (f32) to `dir`, each atomically.
+    /// Writes `config.json` and `model.safetensors` (f32, embedding included: what
+    /// EAGLE's loaders read) to `dir`, each atomically.
     pub fn save(&self, dir: impl AsRef<Path>, target: &Llama<B>) -> Result<()> {
+        self.save_as(dir, target, SaveOptions::default())
+    }
+
+    /// Like [`DraftHead::save`], with the dtype and embedding of `opts`.
+    pub fn save_as(
+        &self,
+        dir: impl AsRef<Path>,
+        target: &Llama<B>,
+        opts: SaveOptions,
+    ) -> Result<()> {
         let dir = dir.as_ref();
         std::fs::create_dir_all(dir).map_err(|e| HassError::io(dir, e))?;
         let mut cfg = self.config.to_hf_json();
@@ -217,21 +253,28 @@ impl<B: Backend> DraftHead<B> {
         cfg["qkv_bias"] = serde_json::Value::Bool(self.config.attention_bias);
         let text = serde_json::to_string_pretty(&cfg).expect("JSON value");
         write_atomic(&dir.join("config.json"), text.as_bytes())?;
-        let w = self.export(target);
+        let w = self.export_with(target, opts.with_embedding);
         let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = w
             .iter()
             .map(|(n, (s, d))| {
-                (
-                    n.clone(),
-                    s.clone(),
-                    d.iter().flat_map(|x| x.to_le_bytes()).collect(),
-                )
+                let b = match opts.dtype {
+                    WeightDtype::F32 => d.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                    WeightDtype::F16 => d
+                        .iter()
+                        .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
+                        .collect(),
+                };
+                (n.clone(), s.clone(), b)
             })
             .collect();
+        let st_dtype = match opts.dtype {
+            WeightDtype::F32 => safetensors::Dtype::F32,
+            WeightDtype::F16 => safetensors::Dtype::F16,
+        };
         let views: Vec<(String, safetensors::tensor::TensorView)> = bytes
             .iter()
             .map(|(n, s, b)| {
-                let v = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                let v = safetensors::tensor::TensorView::new(st_dtype, s.clone(), b)
                     .expect("consistent view");
                 (n.clone(), v)
             })

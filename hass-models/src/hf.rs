@@ -3,9 +3,9 @@
 
 use std::path::Path;
 
-use burn::prelude::*;
 use hass_core::{HassError, ModelConfig, Result};
 
+use crate::backend::HassBackend;
 use crate::llama::Llama;
 use crate::safetensors_dir::SafetensorsDir;
 
@@ -38,7 +38,10 @@ pub fn read_hf_config(dir: &Path) -> Result<ModelConfig> {
 }
 
 /// Loads the model in the HF directory `dir` onto `device`.
-pub fn load_hf_model<B: Backend>(dir: impl AsRef<Path>, device: &B::Device) -> Result<Llama<B>> {
+pub fn load_hf_model<B: HassBackend>(
+    dir: impl AsRef<Path>,
+    device: &B::Device,
+) -> Result<Llama<B>> {
     let dir = dir.as_ref();
     let config = read_hf_config(dir)?;
     let weights = SafetensorsDir::open(dir)?;

@@ -6,21 +6,16 @@
 
 use burn::prelude::*;
 use burn::tensor::activation::{silu, softmax};
-use burn::tensor::DType;
 use hass_core::config::ModelConfig;
 use hass_core::{HassError, Result};
 
+use crate::backend::HassBackend;
 use crate::kv_cache::KvCache;
 use crate::loader::{unfuse, Loader};
 
 /// `x · w` in f32, whatever dtype `w` is stored in.
-pub(crate) fn mm<B: Backend>(x: Tensor<B, 2>, w: &Tensor<B, 2>) -> Tensor<B, 2> {
-    let dt = w.dtype();
-    if x.dtype() == dt {
-        x.matmul(w.clone())
-    } else {
-        x.cast(dt).matmul(w.clone()).cast(DType::F32)
-    }
+pub(crate) fn mm<B: HassBackend>(x: Tensor<B, 2>, w: &Tensor<B, 2>) -> Tensor<B, 2> {
+    B::project(x, w)
 }
 
 pub(crate) fn rms_norm<B: Backend>(
@@ -162,7 +157,7 @@ fn qkv_names(prefix: &str, c: &ModelConfig, suffix: &str) -> [(String, usize); 3
     ]
 }
 
-impl<B: Backend> DecoderLayer<B> {
+impl<B: HassBackend> DecoderLayer<B> {
     pub fn load(
         ld: &Loader,
         prefix: &str,

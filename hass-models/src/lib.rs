@@ -13,10 +13,11 @@ pub mod llama;
 pub mod load;
 pub mod loader;
 pub mod safetensors_dir;
+pub mod small_m;
 pub mod weights;
 
-pub use backend::{default_device, DefaultBackend};
-pub use draft::DraftHead;
+pub use backend::{default_device, DefaultBackend, HassBackend};
+pub use draft::{DraftHead, SaveOptions};
 pub use hf::load_hf_model;
 pub use kv_cache::KvCache;
 pub use llama::{ForwardOutput, Llama, LogitRows, WeightDtype};

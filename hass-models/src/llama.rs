@@ -14,6 +14,7 @@ use burn::tensor::DType;
 use hass_core::config::ModelConfig;
 use hass_core::{HassError, Result};
 
+use crate::backend::HassBackend;
 use crate::kv_cache::KvCache;
 use crate::layer::{mm, rms_norm, AttnContext, DecoderLayer};
 use crate::loader::Loader;
@@ -83,6 +84,8 @@ pub struct Llama<B: Backend> {
     norm: Tensor<B, 1>,
     /// `[vocab, hidden]`; shares the embedding's storage when tied.
     lm_head: Tensor<B, 2>,
+    /// `[hidden, vocab]`, contiguous: the layout the linear kernels stream.
+    lm_head_t: Tensor<B, 2>,
     device: B::Device,
 }
 
@@ -92,7 +95,7 @@ fn is_ignorable(name: &str) -> bool {
     name.ends_with("rotary_emb.inv_freq")
 }
 
-impl<B: Backend> Llama<B> {
+impl<B: HassBackend> Llama<B> {
     /// Builds the model from `source` (f32 matrices), checking every tensor's presence
     /// and shape and rejecting tensors the model would silently ignore.
     pub fn load(
@@ -127,12 +130,17 @@ impl<B: Backend> Llama<B> {
             .collect::<Result<Vec<_>>>()?;
         let norm = ld.vector("model.norm.weight", h, device)?;
         ld.check_all_used(is_ignorable)?;
+        let lm_head_t = Tensor::from_data(
+            lm_head.clone().transpose().into_data(),
+            (device, dtype.dtype()),
+        );
         Ok(Llama {
             config,
             embed,
             layers,
             norm,
             lm_head,
+            lm_head_t,
             device: device.clone(),
         })
     }
@@ -182,7 +190,7 @@ impl<B: Backend> Llama<B> {
 
     /// Logits `[rows, vocab]` of features `[rows, hidden]`.
     pub fn logits(&self, features: Tensor<B, 2>) -> Tensor<B, 2> {
-        mm(features, &self.lm_head.clone().transpose())
+        mm(features, &self.lm_head_t)
     }
 
     /// One forward over `tokens` at `positions`, on top of the `cache.len()` committed

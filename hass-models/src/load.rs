@@ -8,6 +8,7 @@ use hass_core::chat::ChatTemplate;
 use hass_core::tokenizer::Tokenizer;
 use hass_core::{HassError, Result};
 
+use crate::backend::HassBackend;
 use crate::gguf::GgufWeights;
 use crate::gguf_tokenizer::{chat_template_from_gguf, tokenizer_from_gguf};
 use crate::hf::read_hf_config;
@@ -25,7 +26,7 @@ pub struct LoadedModel<B: Backend> {
 
 /// Loads `path`: a directory in HF layout, or a `.gguf` file (dequantised), keeping
 /// the matrices in `dtype`.
-pub fn load_model<B: Backend>(
+pub fn load_model<B: HassBackend>(
     path: impl AsRef<Path>,
     device: &B::Device,
     dtype: WeightDtype,

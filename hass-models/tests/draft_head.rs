@@ -6,7 +6,10 @@ mod common;
 
 use common::*;
 use hass_core::HassError;
-use hass_models::{load_hf_model, DraftHead, Llama, LogitRows};
+use hass_models::{
+    load_hf_model, DraftHead, Llama, LogitRows, SafetensorsDir, SaveOptions, WeightDtype,
+    WeightSource,
+};
 
 const TOL: f32 = 1e-4;
 
@@ -182,15 +185,39 @@ fn a_saved_random_head_loads_back_identically() {
             None,
         )
         .unwrap();
-    let b = again
-        .forward(
-            &t,
-            f(),
-            &[50, 60, 70],
-            &[0, 1, 2],
-            &mut again.new_cache(4),
-            None,
+    let run = |h: &DraftHead<B>| {
+        to_vec(
+            h.forward(
+                &t,
+                f(),
+                &[50, 60, 70],
+                &[0, 1, 2],
+                &mut h.new_cache(4),
+                None,
+            )
+            .unwrap(),
         )
-        .unwrap();
-    assert_eq!(to_vec(a), to_vec(b));
+    };
+    let a = to_vec(a);
+    assert_eq!(a, run(&again));
+
+    // The distribution form: f16, without the embedding copy; same outputs to f16 precision.
+    let slim = tempfile::tempdir().unwrap();
+    let opts = SaveOptions {
+        dtype: WeightDtype::F16,
+        with_embedding: false,
+    };
+    head.save_as(slim.path(), &t, opts).unwrap();
+    let names = SafetensorsDir::open(slim.path()).unwrap().tensor_names();
+    assert!(
+        names.iter().all(|n| n != "embed_tokens.weight"),
+        "{names:?}"
+    );
+    let c = run(&DraftHead::load(slim.path(), &t).unwrap());
+    let scale = a.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let err = a
+        .iter()
+        .zip(&c)
+        .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    assert!(err <= 2e-3 * scale, "f16 head error {err} (scale {scale})");
 }

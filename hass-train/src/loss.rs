@@ -25,6 +25,7 @@
 
 use burn::prelude::*;
 use burn::tensor::activation::{log_softmax, softmax};
+use hass_models::HassBackend;
 
 /// Loss weights (defaults: HASS stage 1, `topk_w = 0`; stage 2 uses `topk_w = 1`).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -92,7 +93,7 @@ impl TopkAccuracy {
 
 /// The losses of one HASS forward ([`TargetDist::loss`]).
 #[derive(Debug, Clone)]
-pub struct Losses<B: Backend> {
+pub struct Losses<B: HassBackend> {
     /// `v_w·vloss + p_w·ploss + topk_w·topk_loss`, with the exact gradient w.r.t. the
     /// draft's parameters (backward this).
     pub loss: Tensor<B, 1>,
@@ -109,7 +110,7 @@ pub struct Losses<B: Backend> {
 /// `p = softmax(lm_head(f))` (host, f32), its top-K (ids and unnormalised
 /// probabilities) and its argmax.
 #[derive(Debug, Clone)]
-pub struct TargetDist<B: Backend> {
+pub struct TargetDist<B: HassBackend> {
     target: Tensor<B, 3>,
     mask: Tensor<B, 2>,
     lm_head: Tensor<B, 2>,
@@ -198,7 +199,7 @@ fn top_k(x: &[f32], k: usize) -> (Vec<u32>, Vec<f32>) {
     (ids, vals)
 }
 
-fn host_f32<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+fn host_f32<B: HassBackend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
     t.into_data()
         .convert::<f32>()
         .into_vec::<f32>()
@@ -206,13 +207,13 @@ fn host_f32<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
 }
 
 /// `x [rows, H] · lm_headᵀ` as host data (mutable in place).
-fn logits_host<B: Backend>(x: Tensor<B, 2>, lm_head: &Tensor<B, 2>) -> TensorData {
+fn logits_host<B: HassBackend>(x: Tensor<B, 2>, lm_head: &Tensor<B, 2>) -> TensorData {
     x.matmul(lm_head.clone().transpose())
         .into_data()
         .convert::<f32>()
 }
 
-impl<B: Backend> TargetDist<B> {
+impl<B: HassBackend> TargetDist<B> {
     /// From the target features `[b, L, H]` (row `t` = `f_{t+1}`), the loss mask
     /// `[b, L]` and the frozen LM head `[V, H]`; `k ≥ 1` is the K of the top-K loss.
     pub fn new(
@@ -379,7 +380,7 @@ impl<B: Backend> TargetDist<B> {
 }
 
 /// Rows `rows` of `x` viewed as `[b·L, H]`.
-fn select_rows<B: Backend>(x: Tensor<B, 3>, rows: &[usize]) -> Tensor<B, 2> {
+fn select_rows<B: HassBackend>(x: Tensor<B, 3>, rows: &[usize]) -> Tensor<B, 2> {
     let [b, l, h] = x.dims();
     let idx = Tensor::<B, 1, Int>::from_data(
         TensorData::new(
@@ -394,7 +395,7 @@ fn select_rows<B: Backend>(x: Tensor<B, 3>, rows: &[usize]) -> Tensor<B, 2> {
 // ------------------------------------------------------------------ tensor versions
 
 /// `features [b, L, H] · lm_headᵀ → [b, L, V]`, the head detached.
-pub fn logits<B: Backend>(features: Tensor<B, 3>, lm_head: Tensor<B, 2>) -> Tensor<B, 3> {
+pub fn logits<B: HassBackend>(features: Tensor<B, 3>, lm_head: Tensor<B, 2>) -> Tensor<B, 3> {
     let [b, l, h] = features.dims();
     let v = lm_head.dims()[0];
     features
@@ -404,12 +405,15 @@ pub fn logits<B: Backend>(features: Tensor<B, 3>, lm_head: Tensor<B, 2>) -> Tens
 }
 
 /// The draft's log-probabilities `log_softmax(lm_head(predict))`, `[b, L, V]`.
-pub fn draft_log_probs<B: Backend>(predict: Tensor<B, 3>, lm_head: Tensor<B, 2>) -> Tensor<B, 3> {
+pub fn draft_log_probs<B: HassBackend>(
+    predict: Tensor<B, 3>,
+    lm_head: Tensor<B, 2>,
+) -> Tensor<B, 3> {
     log_softmax(logits(predict, lm_head), 2)
 }
 
 /// The target distribution `softmax(lm_head(target_features))`, detached.
-pub fn target_probs<B: Backend>(
+pub fn target_probs<B: HassBackend>(
     target_features: Tensor<B, 3>,
     lm_head: Tensor<B, 2>,
 ) -> Tensor<B, 3> {
@@ -417,7 +421,7 @@ pub fn target_probs<B: Backend>(
 }
 
 /// `Σ_{b,t} M · per_row / (ΣM + 1e-5)` for `per_row` `[b, L]`.
-fn masked_mean<B: Backend>(per_row: Tensor<B, 2>, mask: Tensor<B, 2>) -> Tensor<B, 1> {
+fn masked_mean<B: HassBackend>(per_row: Tensor<B, 2>, mask: Tensor<B, 2>) -> Tensor<B, 1> {
     let mask = mask.detach();
     let n = mask.clone().sum() + 1e-5;
     (per_row * mask).sum() / n
@@ -425,7 +429,7 @@ fn masked_mean<B: Backend>(per_row: Tensor<B, 2>, mask: Tensor<B, 2>) -> Tensor<
 
 /// SmoothL1 (β = 1) between `predict` and `target` `[b, L, H]`, mean over H, masked
 /// mean over rows.
-pub fn vloss<B: Backend>(
+pub fn vloss<B: HassBackend>(
     predict: Tensor<B, 3>,
     target: Tensor<B, 3>,
     mask: Tensor<B, 2>,
@@ -440,7 +444,11 @@ pub fn vloss<B: Backend>(
 
 /// Soft cross-entropy `−Σ M·p·log q / N` from the draft's log-probabilities `logq`
 /// and the target probabilities `p` (both `[b, L, V]`).
-pub fn ploss<B: Backend>(logq: Tensor<B, 3>, p: Tensor<B, 3>, mask: Tensor<B, 2>) -> Tensor<B, 1> {
+pub fn ploss<B: HassBackend>(
+    logq: Tensor<B, 3>,
+    p: Tensor<B, 3>,
+    mask: Tensor<B, 2>,
+) -> Tensor<B, 1> {
     let [b, l, _] = logq.dims();
     let per = (p.detach() * logq).sum_dim(2).reshape([b, l]).neg();
     masked_mean(per, mask)
@@ -448,7 +456,7 @@ pub fn ploss<B: Backend>(logq: Tensor<B, 3>, p: Tensor<B, 3>, mask: Tensor<B, 2>
 
 /// The HASS top-K loss: the soft cross-entropy restricted to the target's top-`k`
 /// tokens, weighted by their unnormalised probabilities.
-pub fn topk_loss<B: Backend>(
+pub fn topk_loss<B: HassBackend>(
     logq: Tensor<B, 3>,
     p: Tensor<B, 3>,
     k: usize,
@@ -461,7 +469,7 @@ pub fn topk_loss<B: Backend>(
 }
 
 /// The combined loss with tensor ops only: `(loss, vloss, ploss, topk_loss)`.
-pub fn reference_loss<B: Backend>(
+pub fn reference_loss<B: HassBackend>(
     predict: Tensor<B, 3>,
     target_features: Tensor<B, 3>,
     mask: Tensor<B, 2>,
@@ -479,7 +487,7 @@ pub fn reference_loss<B: Backend>(
 
 /// Counts, over rows with `mask > 0`, whether `target_argmax` (`[b, L]`) is among the
 /// top-1/2/3 of the draft's `scores` (`[b, L, V]`, logits or log-probabilities).
-pub fn topk_accuracy<B: Backend>(
+pub fn topk_accuracy<B: HassBackend>(
     scores: Tensor<B, 3>,
     target_argmax: Tensor<B, 2, Int>,
     mask: Tensor<B, 2>,

@@ -10,7 +10,9 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use hass_models::assets::{ensure, Asset};
-use hass_models::{default_device, load_model, DefaultBackend, WeightDtype};
+use hass_models::{
+    default_device, load_model, DefaultBackend, DraftHead, SaveOptions, WeightDtype,
+};
 use hass_train::data::{
     generate_shards, read_corpus, render_corpus, shuffle_conversations, DatagenOptions,
     FeatureDtype, RenderOptions, ShardDataset,
@@ -84,6 +86,23 @@ enum Command {
         /// Stop after this many epochs in this invocation (resume later).
         #[arg(long)]
         stop_after_epochs: Option<usize>,
+    },
+    /// Rewrite a trained head (e.g. `out/stage2`) for distribution: weights in --dtype,
+    /// without the copy of the target's embedding that EAGLE's layout carries.
+    Export {
+        /// Target model the head was trained for [default: SmolLM2-135M-Instruct].
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Head directory (config.json + model.safetensors).
+        #[arg(long)]
+        head: PathBuf,
+        #[arg(long, default_value = "f16")]
+        dtype: WeightDtype,
+        /// Keep embed_tokens.weight (what EAGLE's own loaders expect).
+        #[arg(long)]
+        with_embedding: bool,
+        #[arg(long)]
+        out: PathBuf,
     },
 }
 
@@ -194,6 +213,25 @@ fn main() -> Result<()> {
                     r.stage, r.steps, r.train_tokens, r.seconds, r.tokens_per_s(), last.loss, last.top1, last.top2, last.top3, last.kacc
                 );
             }
+        }
+        Command::Export {
+            model,
+            head,
+            dtype,
+            with_embedding,
+            out,
+        } => {
+            let path = target_path(model)?;
+            let loaded = load_model::<DefaultBackend>(&path, &default_device(), WeightDtype::F32)
+                .with_context(|| format!("loading {}", path.display()))?;
+            let h = DraftHead::load(&head, &loaded.model)
+                .with_context(|| format!("loading {}", head.display()))?;
+            let opts = SaveOptions {
+                dtype,
+                with_embedding,
+            };
+            h.save_as(&out, &loaded.model, opts)?;
+            eprintln!("wrote {}/config.json and model.safetensors", out.display());
         }
     }
     Ok(())

@@ -39,6 +39,7 @@ use burn::tensor::activation::{silu, softmax};
 use hass_core::config::ModelConfig;
 use hass_core::{HassError, Result};
 use hass_models::loader::Loader;
+use hass_models::HassBackend;
 use hass_models::{MemoryWeights, WeightSource};
 
 use crate::align;
@@ -46,7 +47,7 @@ use crate::align;
 /// The draft head's trainable parameters (one decoder layer, layer 0 of the EAGLE
 /// layout). Linear weights are Burn's `[in, out]`.
 #[derive(Module, Debug)]
-pub struct TrainDraft<B: Backend> {
+pub struct TrainDraft<B: HassBackend> {
     /// `[2H, H]`: rows `0..H` act on the embedding, `H..2H` on the feature.
     pub fc: Linear<B>,
     pub q_proj: Linear<B>,
@@ -73,7 +74,7 @@ pub use hass_models::draft::{draft_config, random_head_weights};
 
 /// Embeddings `[b, L, H]` of `ids` (`[b, L]`) from the frozen `embedding` (`[V, H]`),
 /// detached (use it on the autodiff backend with a tensor bridged by `from_inner`).
-pub fn embed_ids<B: Backend>(embedding: &Tensor<B, 2>, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+pub fn embed_ids<B: HassBackend>(embedding: &Tensor<B, 2>, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
     let [b, l] = ids.dims();
     let h = embedding.dims()[1];
     embedding
@@ -85,7 +86,10 @@ pub fn embed_ids<B: Backend>(embedding: &Tensor<B, 2>, ids: Tensor<B, 2, Int>) -
 
 /// The next HASS stream (spec §3.5 loop): `predict` (`[b, L, H]`) shifted right by
 /// one, its first position taken from the newest stream (always `F[:, 0]`), detached.
-pub fn next_stream<B: Backend>(streams: &[Tensor<B, 3>], predict: Tensor<B, 3>) -> Tensor<B, 3> {
+pub fn next_stream<B: HassBackend>(
+    streams: &[Tensor<B, 3>],
+    predict: Tensor<B, 3>,
+) -> Tensor<B, 3> {
     let newest = streams.last().expect("at least one stream");
     let [b, l, h] = predict.dims();
     let first = newest.clone().slice([0..b, 0..1, 0..h]);
@@ -104,7 +108,7 @@ fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     out
 }
 
-fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+fn host<B: HassBackend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
     t.into_data()
         .convert::<f32>()
         .into_vec::<f32>()
@@ -112,7 +116,7 @@ fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
 }
 
 /// A Linear from the HF weight `[out, in]` (and bias `[out]` when `bias`).
-fn linear<B: Backend>(
+fn linear<B: HassBackend>(
     ld: &Loader,
     name: &str,
     d_in: usize,
@@ -136,14 +140,14 @@ fn linear<B: Backend>(
 }
 
 /// Rotate-half RoPE with `cos`/`sin` of the same shape as `x` (`[b, heads, t, hd]`).
-fn rope<B: Backend>(x: Tensor<B, 4>, cos: Tensor<B, 4>, sin: Tensor<B, 4>) -> Tensor<B, 4> {
+fn rope<B: HassBackend>(x: Tensor<B, 4>, cos: Tensor<B, 4>, sin: Tensor<B, 4>) -> Tensor<B, 4> {
     let [b, h, t, d] = x.dims();
     let x1 = x.clone().slice([0..b, 0..h, 0..t, 0..d / 2]);
     let x2 = x.clone().slice([0..b, 0..h, 0..t, d / 2..d]);
     x * cos + Tensor::cat(vec![x2.neg(), x1], 3) * sin
 }
 
-impl<B: Backend> TrainDraft<B> {
+impl<B: HassBackend> TrainDraft<B> {
     /// Builds the head from tensors in the EAGLE layout (`fc.weight` `[H, 2H]`,
     /// optional `fc.bias`, `layers.0.*`; an `embed_tokens.weight` is ignored), e.g.
     /// `DraftHead::export(&target)` or a checkpoint directory. `config` must describe

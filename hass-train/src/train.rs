@@ -10,6 +10,7 @@
 //! head with a fresh optimizer (the reference's two stages: topk_w 0 at lr 3e-5, then
 //! topk_w 1 at lr 1e-5).
 
+use hass_models::HassBackend;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -31,6 +32,10 @@ use crate::chart::write_chart;
 use crate::data::{Batch, ShardDataset, ShiftedSample};
 use crate::loss::{LossWeights, TargetDist, TopkAccuracy};
 use crate::model::{draft_config, embed_ids, next_stream, TrainDraft};
+
+/// A differentiable backend for the head whose inner backend runs the frozen target.
+pub trait TrainBackend: AutodiffBackend<InnerBackend: HassBackend> + HassBackend {}
+impl<T: AutodiffBackend<InnerBackend: HassBackend> + HassBackend> TrainBackend for T {}
 
 /// One training stage. Every field has a default (the reference's stage 1), so a
 /// config file names only what it changes.
@@ -229,7 +234,7 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 /// A batch on the autodiff backend.
-struct BatchTensors<AD: AutodiffBackend> {
+struct BatchTensors<AD: TrainBackend> {
     emb: Tensor<AD, 3>,
     features: Tensor<AD, 3>,
     dist: TargetDist<AD>,
@@ -253,7 +258,7 @@ pub struct RunOptions {
 /// `out/stageN` (head: `config.json` + `model.safetensors`; `optimizer.mpk`;
 /// `state.json`; `log.jsonl`; `chart.svg`). An interrupted run resumes from its last
 /// checkpoint (end of an epoch) with identical results.
-pub fn train<AD: AutodiffBackend>(
+pub fn train<AD: TrainBackend>(
     target: &Llama<AD::InnerBackend>,
     data: &ShardDataset,
     plan: &TrainPlan,
@@ -300,7 +305,7 @@ pub fn train<AD: AutodiffBackend>(
     Ok(reports)
 }
 
-fn load_draft<AD: AutodiffBackend>(
+fn load_draft<AD: TrainBackend>(
     dir: &Path,
     target: &Llama<AD::InnerBackend>,
     device: &AD::Device,
@@ -311,7 +316,7 @@ fn load_draft<AD: AutodiffBackend>(
 }
 
 #[allow(clippy::too_many_arguments)]
-fn train_stage<AD: AutodiffBackend>(
+fn train_stage<AD: TrainBackend>(
     target: &Llama<AD::InnerBackend>,
     data: &ShardDataset,
     cfg: &StageConfig,
@@ -458,7 +463,7 @@ fn train_stage<AD: AutodiffBackend>(
     })
 }
 
-fn checkpoint<AD: AutodiffBackend, O: Optimizer<TrainDraft<AD>, AD>>(
+fn checkpoint<AD: TrainBackend, O: Optimizer<TrainDraft<AD>, AD>>(
     model: &TrainDraft<AD>,
     optim: &O,
     recorder: &NamedMpkFileRecorder<FullPrecisionSettings>,
@@ -499,7 +504,7 @@ fn checkpoint<AD: AutodiffBackend, O: Optimizer<TrainDraft<AD>, AD>>(
     )
 }
 
-fn make_batch<AD: AutodiffBackend>(
+fn make_batch<AD: TrainBackend>(
     data: &ShardDataset,
     indices: &[usize],
     cfg: &StageConfig,
@@ -533,7 +538,7 @@ fn make_batch<AD: AutodiffBackend>(
 }
 
 /// The summed loss of `cfg.forwards` alignment forwards, and the metrics of the last.
-fn forward_losses<AD: AutodiffBackend>(
+fn forward_losses<AD: TrainBackend>(
     model: &TrainDraft<AD>,
     b: &BatchTensors<AD>,
     cfg: &StageConfig,
@@ -566,7 +571,7 @@ fn forward_losses<AD: AutodiffBackend>(
 }
 
 #[allow(clippy::too_many_arguments)]
-fn evaluate<AD: AutodiffBackend>(
+fn evaluate<AD: TrainBackend>(
     model: &TrainDraft<AD>,
     target: &Llama<AD::InnerBackend>,
     data: &ShardDataset,
@@ -622,7 +627,7 @@ fn evaluate<AD: AutodiffBackend>(
 /// steps feeding back the head's own features and tokens; step `k` is right when its
 /// token equals the target's argmax at `p + k` (`argmax lm_head(f_{p+k})`). A miss
 /// counts against every later step; counting stops at the first position with mask 0.
-fn multi_step_accuracy<B: Backend>(
+fn multi_step_accuracy<B: HassBackend>(
     head: &DraftHead<B>,
     target: &Llama<B>,
     data: &ShardDataset,
@@ -683,7 +688,7 @@ fn multi_step_accuracy<B: Backend>(
         .collect())
 }
 
-fn host_argmax<B: Backend>(logits: Tensor<B, 2>) -> Result<Vec<u32>> {
+fn host_argmax<B: HassBackend>(logits: Tensor<B, 2>) -> Result<Vec<u32>> {
     let [rows, v] = logits.dims();
     let data: Vec<f32> = logits
         .into_data()

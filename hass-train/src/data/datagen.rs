@@ -7,10 +7,10 @@
 //! keeps every shard that is already complete (written atomically and whose header
 //! matches its samples' hash) and computes only the missing ones.
 
+use hass_models::HassBackend;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use burn::prelude::*;
 use hass_core::{HassError, Result};
 use hass_models::{Llama, LogitRows};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -85,7 +85,7 @@ pub struct Manifest {
 const PROBE_TOKENS: usize = 8;
 const PROBE_DIMS: usize = 16;
 
-fn probe<B: Backend>(model: &Llama<B>, first: &Sample) -> Result<Vec<f32>> {
+fn probe<B: HassBackend>(model: &Llama<B>, first: &Sample) -> Result<Vec<f32>> {
     let ids = &first.input_ids[..first.len().min(PROBE_TOKENS)];
     let h = model.config().hidden_size;
     let f = sample_features(model, ids)?;
@@ -160,7 +160,7 @@ pub struct DatagenReport {
 
 /// Post-norm features `[L·H]` (f32) of one sample: a fresh cache and one prefill
 /// forward without logits.
-pub fn sample_features<B: Backend>(model: &Llama<B>, input_ids: &[u32]) -> Result<Vec<f32>> {
+pub fn sample_features<B: HassBackend>(model: &Llama<B>, input_ids: &[u32]) -> Result<Vec<f32>> {
     let len = input_ids.len();
     let positions: Vec<usize> = (0..len).collect();
     let mut cache = model.new_cache(len);
@@ -174,7 +174,7 @@ pub fn sample_features<B: Backend>(model: &Llama<B>, input_ids: &[u32]) -> Resul
 
 /// [`write_shard`] with the features of `part` computed by `workers` threads sharing
 /// `model`; results are written in sample order (out-of-order ones wait in memory).
-fn write_shard_parallel<B: Backend>(
+fn write_shard_parallel<B: HassBackend>(
     model: &Llama<B>,
     path: &Path,
     part: &[Sample],
@@ -252,7 +252,7 @@ fn shard_is_complete(path: &Path, samples: &[Sample], m: &Manifest, first: usize
 /// longer than the model's context, `shard_size == 0`, or a `datagen.json` in
 /// `out_dir` recording another configuration or corpus ([`HassError::Config`] listing
 /// the differences).
-pub fn generate_shards<B: Backend>(
+pub fn generate_shards<B: HassBackend>(
     model: &Llama<B>,
     samples: impl IntoIterator<Item = Sample>,
     out_dir: impl AsRef<Path>,
