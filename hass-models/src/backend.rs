@@ -44,10 +44,22 @@ fn matmul<B: Backend>(x: Tensor<B, 2>, w: &Tensor<B, 2>) -> Tensor<B, 2> {
 /// token-identical to vanilla decoding (also with f16 weights).
 pub const SMALL_M_MAX_ROWS: usize = 64;
 
+/// [`SMALL_M_MAX_ROWS`], or `$HASS_SMALL_M_MAX_ROWS` when set (0 turns the kernel off:
+/// for before/after measurements; trees above the limit lose batch invariance).
+fn small_m_max_rows() -> usize {
+    static ROWS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *ROWS.get_or_init(|| {
+        std::env::var("HASS_SMALL_M_MAX_ROWS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(SMALL_M_MAX_ROWS)
+    })
+}
+
 impl HassBackend for Flex {
     fn project(x: Tensor<Self, 2>, w: &Tensor<Self, 2>) -> Tensor<Self, 2> {
         let ([m, k], [wk, n]) = (x.dims(), w.dims());
-        if m > SMALL_M_MAX_ROWS || k != wk || x.dtype() != DType::F32 {
+        if m > small_m_max_rows() || k != wk || x.dtype() != DType::F32 {
             return matmul(x, w);
         }
         let wp = w.clone().into_primitive().tensor();
