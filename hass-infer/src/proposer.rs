@@ -13,8 +13,16 @@ use hass_models::{DraftHead, KvCache, Llama, LogitRows};
 /// Drafts trees for the verifier and learns what was committed.
 pub trait Proposer<B: HassBackend> {
     /// Called once after the target's prefill: the prompt, its target features
-    /// `[prompt, hidden]` and the first root (the token chosen from the prefill).
-    fn start(&mut self, prompt: &[u32], features: Tensor<B, 2>, root: u32) -> Result<()>;
+    /// `[prompt, hidden]`, the first root (the token chosen from the prefill) and the
+    /// capacity of the target's cache (positions the request can reach), so that the
+    /// proposer sizes its own caches to the request rather than to the model's context.
+    fn start(
+        &mut self,
+        prompt: &[u32],
+        features: Tensor<B, 2>,
+        root: u32,
+        capacity: usize,
+    ) -> Result<()>;
 
     /// A tree rooted at `root` (node 0) of at most `max_nodes` nodes (≥ 1).
     fn propose(&mut self, root: u32, max_nodes: usize) -> Result<DraftTree>;
@@ -98,10 +106,15 @@ impl<'a, B: HassBackend> EagleProposer<'a, B> {
 }
 
 impl<B: HassBackend> Proposer<B> for EagleProposer<'_, B> {
-    fn start(&mut self, prompt: &[u32], features: Tensor<B, 2>, root: u32) -> Result<()> {
-        let context = self.target.config().max_position_embeddings;
+    fn start(
+        &mut self,
+        prompt: &[u32],
+        features: Tensor<B, 2>,
+        root: u32,
+        capacity: usize,
+    ) -> Result<()> {
         let tree_rows = self.params.depth * self.params.top_k;
-        self.cache = Some(self.head.new_cache(context + tree_rows));
+        self.cache = Some(self.head.new_cache(capacity + tree_rows));
         let mut shifted = prompt[1..].to_vec();
         shifted.push(root);
         self.extend(features, &shifted)
@@ -184,9 +197,14 @@ impl<'a, B: HassBackend> OracleProposer<'a, B> {
 }
 
 impl<B: HassBackend> Proposer<B> for OracleProposer<'_, B> {
-    fn start(&mut self, prompt: &[u32], _features: Tensor<B, 2>, _root: u32) -> Result<()> {
-        let context = self.target.config().max_position_embeddings;
-        let mut cache = self.target.new_cache(context + self.depth + 1);
+    fn start(
+        &mut self,
+        prompt: &[u32],
+        _features: Tensor<B, 2>,
+        _root: u32,
+        capacity: usize,
+    ) -> Result<()> {
+        let mut cache = self.target.new_cache(capacity + self.depth + 1);
         let positions: Vec<usize> = (0..prompt.len()).collect();
         self.target
             .forward(prompt, &positions, &mut cache, None, LogitRows::None)?;

@@ -18,6 +18,10 @@ use crate::generation::{GenerationConfig, GenerationOutput, GenerationStats, Sto
 use crate::proposer::{host_f32, EagleProposer, OracleProposer, Proposer};
 use crate::vanilla::{check_prompt, logits_row, stop_tokens};
 
+/// Tree nodes a custom proposer is guaranteed room for (it gets more when the request
+/// leaves it).
+const CUSTOM_TREE_ROOM: usize = 64;
+
 /// Per-request statistics of speculative decoding.
 #[derive(Debug, Clone, Default)]
 pub struct SpeculativeStats {
@@ -137,13 +141,22 @@ impl<'a, B: HassBackend> SpeculativeGenerator<'a, B> {
         // Vanilla decoding stops once the cache is full: the same token count here.
         let limit = config.max_new_tokens.min(context - prompt.len() + 1);
         let mut sampler = Sampler::new(config.sampling);
+        // Room for one full tree beyond the last committed token: the cache (and the
+        // proposer's) is sized to the request, not to the model's whole context, since
+        // every tree forward writes into it.
+        let room = match &self.drafter {
+            Drafter::Head(_, params) => params.total_tokens + 1,
+            Drafter::Oracle(depth) => 2 * depth + 2,
+            Drafter::Custom(_) => CUSTOM_TREE_ROOM,
+        };
+        let capacity = context.min(prompt.len() + limit + room);
         let mut proposer: Box<dyn Proposer<B> + '_> = match &mut self.drafter {
             Drafter::Head(head, params) => Box::new(EagleProposer::new(target, head, *params)?),
             Drafter::Oracle(depth) => Box::new(OracleProposer::new(target, *depth)?),
             Drafter::Custom(p) => Box::new(ProposerRef(p.as_mut())),
         };
         let mut spec = SpeculativeStats::default();
-        let mut cache = target.new_cache(context);
+        let mut cache = target.new_cache(capacity);
 
         let start = Instant::now();
         let positions: Vec<usize> = (0..prompt.len()).collect();
@@ -171,7 +184,7 @@ impl<'a, B: HassBackend> SpeculativeGenerator<'a, B> {
         };
         let mut stop_reason = emit(root, &mut tokens, &mut on_token);
         if stop_reason.is_none() {
-            proposer.start(prompt, out.features, root)?;
+            proposer.start(prompt, out.features, root, capacity)?;
         }
         let vocab = target.config().vocab_size;
         while stop_reason.is_none() {
@@ -246,8 +259,14 @@ impl<'a, B: HassBackend> SpeculativeGenerator<'a, B> {
 struct ProposerRef<'p, B: HassBackend>(&'p mut dyn Proposer<B>);
 
 impl<B: HassBackend> Proposer<B> for ProposerRef<'_, B> {
-    fn start(&mut self, prompt: &[u32], features: Tensor<B, 2>, root: u32) -> Result<()> {
-        self.0.start(prompt, features, root)
+    fn start(
+        &mut self,
+        prompt: &[u32],
+        features: Tensor<B, 2>,
+        root: u32,
+        capacity: usize,
+    ) -> Result<()> {
+        self.0.start(prompt, features, root, capacity)
     }
     fn propose(&mut self, root: u32, max_nodes: usize) -> Result<DraftTree> {
         self.0.propose(root, max_nodes)
