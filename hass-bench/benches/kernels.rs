@@ -388,7 +388,7 @@ fn model_benches(c: &mut Criterion) {
         let params = TreeParams::new(shape.0, shape.1, shape.2).expect("valid tree");
         let mut proposer = EagleProposer::new(&model, &head, params).expect("proposer");
         proposer
-            .start(&prompt, features.clone(), root)
+            .start(&prompt, features.clone(), root, prompt.len() + 128)
             .expect("proposer start");
         let max_nodes = params.num_nodes();
         group.bench_function(BenchmarkId::from_parameter(tree_label(*shape)), |b| {
