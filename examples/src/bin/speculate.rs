@@ -36,8 +36,10 @@ struct Args {
     /// A user message (rendered with the chat template).
     #[arg(long, default_value = "Give me three tips for staying healthy.")]
     chat: String,
-    /// Tree: total_tokens,depth,top_k (total excludes the root).
-    #[arg(long, value_delimiter = ',', default_value = "15,4,4")]
+    /// Tree: total_tokens,depth,top_k (total excludes the root). The default is the
+    /// fastest shape `hass-bench eval --sweep` found for the committed heads on a
+    /// 2-core CPU; stronger heads and GPUs want bigger trees (EAGLE-2: 59,5,10).
+    #[arg(long, value_delimiter = ',', default_value = "1,1,2")]
     tree: Vec<usize>,
     /// Oracle chain depth.
     #[arg(long, default_value_t = 4)]
