@@ -33,11 +33,10 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use burn::prelude::*;
-use burn::tensor::activation::log_softmax;
 use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput};
 use hass_core::tree::{DraftTree, TreeBuilder, TreeParams};
 use hass_core::Result;
-use hass_infer::{EagleProposer, Proposer};
+use hass_infer::{top_k_log_probs, EagleProposer, Proposer};
 use hass_models::assets::{ensure, Asset};
 use hass_models::{
     default_device, load_model, DefaultBackend, DraftHead, KvCache, Llama, LogitRows, WeightDtype,
@@ -155,23 +154,6 @@ fn tree_construction(c: &mut Criterion) {
     group.finish();
 }
 
-/// Top-`k` tokens and log-probs of each row of `logits`, on the host (as the
-/// proposer's private `top_k_log_probs`).
-fn top_k_log_probs(logits: Tensor<B, 2>, k: usize) -> (Vec<u32>, Vec<f32>) {
-    let (values, idx) = log_softmax(logits, 1).topk_with_indices(k, 1);
-    let ids = idx
-        .into_data()
-        .convert::<i64>()
-        .into_vec::<i64>()
-        .expect("indices");
-    let lps = values
-        .into_data()
-        .convert::<f32>()
-        .into_vec::<f32>()
-        .expect("log-probs");
-    (ids.into_iter().map(|x| x as u32).collect(), lps)
-}
-
 /// One depth step of `EagleProposer::propose`: frontier hidden states from the
 /// previous output, the head's forward with the tree mask, the LM head, top-k and the
 /// builder's expansion. Returns the head output `[k, hidden]`.
@@ -200,7 +182,7 @@ fn draft_one_step(
         cache,
         Some(builder.frontier_mask()),
     )?;
-    let (tokens, log_probs) = top_k_log_probs(target.logits(out.clone()), k);
+    let (tokens, log_probs) = top_k_log_probs(target.logits(out.clone()), k)?;
     builder.expand(&tokens, &log_probs)?;
     Ok(out)
 }
@@ -330,7 +312,7 @@ fn model_benches(c: &mut Criterion) {
             .expect("draft context");
         let hidden = model.config().hidden_size;
         let mut prev = ctx_out.slice([CONTEXT - 1..CONTEXT, 0..hidden]);
-        let (tok1, lp1) = top_k_log_probs(model.logits(prev.clone()), k);
+        let (tok1, lp1) = top_k_log_probs(model.logits(prev.clone()), k).expect("top-k");
         let mut builder = TreeBuilder::new(params, root, &tok1, &lp1).expect("builder");
         for _ in 0..DRAFT_STEPS_BEFORE {
             prev = draft_one_step(&model, &head, &mut builder, prev, &mut dcache, CONTEXT)

@@ -50,7 +50,10 @@ fn host_ids<B: HassBackend, const D: usize>(t: Tensor<B, D, Int>) -> Result<Vec<
 
 /// Top-`k` tokens and log-probabilities of each row of `logits` (`[rows, vocab]`),
 /// row-major `[rows · k]`.
-fn top_k_log_probs<B: HassBackend>(logits: Tensor<B, 2>, k: usize) -> Result<(Vec<u32>, Vec<f32>)> {
+pub fn top_k_log_probs<B: HassBackend>(
+    logits: Tensor<B, 2>,
+    k: usize,
+) -> Result<(Vec<u32>, Vec<f32>)> {
     let (values, idx) = log_softmax(logits, 1).topk_with_indices(k, 1);
     Ok((host_ids(idx)?, host_f32(values)?))
 }

@@ -50,7 +50,8 @@ struct Args {
     temperature: f32,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    #[arg(long, default_value = "f32")]
+    /// Storage dtype of the weight matrices (both decoders use the same).
+    #[arg(long, default_value = "f16")]
     dtype: WeightDtype,
 }
 
