@@ -36,11 +36,9 @@ use burn::prelude::*;
 use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput};
 use hass_core::tree::{DraftTree, TreeBuilder, TreeParams};
 use hass_core::Result;
-use hass_infer::{top_k_log_probs, EagleProposer, Proposer};
+use hass_infer::{draft_step, top_k_log_probs, EagleProposer, Proposer};
 use hass_models::assets::{ensure, Asset};
-use hass_models::{
-    default_device, load_model, DefaultBackend, DraftHead, KvCache, Llama, LogitRows, WeightDtype,
-};
+use hass_models::{default_device, load_model, DefaultBackend, DraftHead, LogitRows, WeightDtype};
 
 type B = DefaultBackend;
 
@@ -152,39 +150,6 @@ fn tree_construction(c: &mut Criterion) {
         });
     }
     group.finish();
-}
-
-/// One depth step of `EagleProposer::propose`: frontier hidden states from the
-/// previous output, the head's forward with the tree mask, the LM head, top-k and the
-/// builder's expansion. Returns the head output `[k, hidden]`.
-fn draft_one_step(
-    target: &Llama<B>,
-    head: &DraftHead<B>,
-    builder: &mut TreeBuilder,
-    prev: Tensor<B, 2>,
-    cache: &mut KvCache<B>,
-    context: usize,
-) -> Result<Tensor<B, 2>> {
-    let k = builder.params().top_k;
-    let rows: Vec<i32> = builder
-        .frontier_parent_rows()
-        .iter()
-        .map(|&r| r as i32)
-        .collect();
-    let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [k]), target.device());
-    let hidden = prev.select(0, idx);
-    let positions = vec![context + builder.position_offset(); k];
-    let out = head.forward(
-        target,
-        hidden,
-        builder.frontier_tokens(),
-        &positions,
-        cache,
-        Some(builder.frontier_mask()),
-    )?;
-    let (tokens, log_probs) = top_k_log_probs(target.logits(out.clone()), k)?;
-    builder.expand(&tokens, &log_probs)?;
-    Ok(out)
 }
 
 /// The weight dtype from `HASS_BENCH_DTYPE` (`f32`, the default, or `f16`).
@@ -315,7 +280,7 @@ fn model_benches(c: &mut Criterion) {
         let (tok1, lp1) = top_k_log_probs(model.logits(prev.clone()), k).expect("top-k");
         let mut builder = TreeBuilder::new(params, root, &tok1, &lp1).expect("builder");
         for _ in 0..DRAFT_STEPS_BEFORE {
-            prev = draft_one_step(&model, &head, &mut builder, prev, &mut dcache, CONTEXT)
+            prev = draft_step(&model, &head, &mut builder, prev, &mut dcache, CONTEXT)
                 .expect("draft step");
         }
         let len = dcache.len();
@@ -323,9 +288,8 @@ fn model_benches(c: &mut Criterion) {
         group.bench_function(BenchmarkId::new("full", k), |b| {
             b.iter(|| {
                 let mut step = builder.clone();
-                let out =
-                    draft_one_step(&model, &head, &mut step, prev.clone(), &mut dcache, CONTEXT)
-                        .expect("draft step");
+                let out = draft_step(&model, &head, &mut step, prev.clone(), &mut dcache, CONTEXT)
+                    .expect("draft step");
                 dcache.truncate(len);
                 black_box((out, step))
             })

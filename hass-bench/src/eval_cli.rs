@@ -162,12 +162,14 @@ pub fn run_eval(args: EvalArgs) -> Result<()> {
             questions.push((set.clone(), q));
         }
     }
+    let dtype = format!("{:?}", args.dtype).to_lowercase();
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     eprintln!(
         "model {} ({} weights, {} backend); heads: {}; {} questions",
         path.display(),
-        format!("{:?}", args.dtype).to_lowercase(),
+        dtype,
         backend_name(),
         heads
             .iter()
@@ -255,9 +257,9 @@ pub fn run_eval(args: EvalArgs) -> Result<()> {
         to_markdown(&sums),
         path.file_name()
             .map_or(path.display().to_string(), |f| f.to_string_lossy().into()),
-        format!("{:?}", args.dtype).to_lowercase(),
+        dtype,
         backend_name(),
-        std::thread::available_parallelism().map_or(1, |n| n.get()),
+        cpus,
         tree.total_tokens,
         tree.depth,
         tree.top_k,
@@ -271,7 +273,7 @@ pub fn run_eval(args: EvalArgs) -> Result<()> {
     let report = Report {
         model: path.display().to_string(),
         backend: backend_name(),
-        cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        cpus,
         args: &args,
         tree,
         sweep: sweep_report.as_ref(),

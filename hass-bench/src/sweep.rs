@@ -89,28 +89,17 @@ pub fn sweep<B: HassBackend>(
             (set.clone(), q)
         })
         .collect();
-    let vanilla = Method::vanilla();
-    let mut results: Vec<QuestionResult> = Vec::new();
-    for (i, (set, q)) in firsts.iter().enumerate() {
-        results.push(run_question(
-            target,
-            &vanilla,
-            set,
-            q,
-            sampling(0.0, 0, i)?,
-            max_new_tokens,
-        )?);
-        tick();
-    }
     let named: Vec<(String, TreeParams)> = grid
         .iter()
         .map(|t| (format!("{},{},{}", t.total_tokens, t.depth, t.top_k), *t))
         .collect();
-    for (name, tree) in &named {
-        let method = Method {
+    let methods =
+        std::iter::once(Method::vanilla()).chain(named.iter().map(|(name, tree)| Method {
             name: name.clone(),
             head: Some((head, *tree)),
-        };
+        }));
+    let mut results: Vec<QuestionResult> = Vec::new();
+    for method in methods {
         for (i, (set, q)) in firsts.iter().enumerate() {
             results.push(run_question(
                 target,

@@ -58,6 +58,41 @@ pub fn top_k_log_probs<B: HassBackend>(
     Ok((host_ids(idx)?, host_f32(values)?))
 }
 
+/// One depth step of EAGLE-2 growth (spec §4.3): the frontier's parent rows of `prev`
+/// (the head's previous output), the head's forward at the frontier's shared position
+/// `context + offset` under the frontier's ancestor mask, the LM head, top-k, and the
+/// builder's expansion. Returns the head output `[top_k, hidden]`.
+pub fn draft_step<B: HassBackend>(
+    target: &Llama<B>,
+    head: &DraftHead<B>,
+    builder: &mut TreeBuilder,
+    prev: Tensor<B, 2>,
+    cache: &mut KvCache<B>,
+    context: usize,
+) -> Result<Tensor<B, 2>> {
+    let k = builder.params().top_k;
+    let rows: Vec<i32> = builder
+        .frontier_parent_rows()
+        .iter()
+        .map(|&r| r as i32)
+        .collect();
+    let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [k]), target.device());
+    let hidden = prev.select(0, idx);
+    let positions = vec![context + builder.position_offset(); k];
+    let out = head.forward(
+        target,
+        hidden,
+        builder.frontier_tokens(),
+        &positions,
+        cache,
+        Some(builder.frontier_mask()),
+    )?;
+    debug_assert_eq!(out.dims(), [k, target.config().hidden_size]);
+    let (tokens, log_probs) = top_k_log_probs(target.logits(out.clone()), k)?;
+    builder.expand(&tokens, &log_probs)?;
+    Ok(out)
+}
+
 /// EAGLE-2 drafting with a draft head (spec §4.3): the head's KV cache holds the
 /// "stable" rows built from target features; tree rows are discarded each round.
 pub struct EagleProposer<'a, B: HassBackend> {
@@ -134,34 +169,13 @@ impl<B: HassBackend> Proposer<B> for EagleProposer<'_, B> {
         params.total_tokens = params.total_tokens.min(max_nodes - 1);
         let (tok1, lp1) = &self.level1;
         let mut builder = TreeBuilder::new(params, root, tok1, lp1)?;
-        let k = params.top_k;
         let mut out = self.last_hidden.clone().expect("started");
-        let h = self.target.config().hidden_size;
+        let cache = self.cache.as_mut().expect("started");
         while !builder.is_done() {
-            let rows: Vec<i32> = builder
-                .frontier_parent_rows()
-                .iter()
-                .map(|&r| r as i32)
-                .collect();
-            let idx =
-                Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [k]), self.target.device());
-            let hidden = out.select(0, idx);
-            let positions = vec![cache_len + builder.position_offset(); k];
-            let cache = self.cache.as_mut().expect("started");
-            out = self.head.forward(
-                self.target,
-                hidden,
-                builder.frontier_tokens(),
-                &positions,
-                cache,
-                Some(builder.frontier_mask()),
-            )?;
-            debug_assert_eq!(out.dims(), [k, h]);
-            let (tokens, log_probs) = top_k_log_probs(self.target.logits(out.clone()), k)?;
-            builder.expand(&tokens, &log_probs)?;
+            out = draft_step(self.target, self.head, &mut builder, out, cache, cache_len)?;
         }
         // Tree rows never become context: only target features of accepted tokens do.
-        self.cache.as_mut().expect("started").truncate(cache_len);
+        cache.truncate(cache_len);
         Ok(builder.finish())
     }
 

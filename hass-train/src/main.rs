@@ -11,7 +11,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use hass_models::assets::{ensure, Asset};
 use hass_models::{
-    default_device, load_model, DefaultBackend, DraftHead, SaveOptions, WeightDtype,
+    default_device, load_model, DefaultBackend, DraftHead, LoadedModel, SaveOptions, WeightDtype,
 };
 use hass_train::data::{
     generate_shards, read_corpus, render_corpus, shuffle_conversations, DatagenOptions,
@@ -106,11 +106,14 @@ enum Command {
     },
 }
 
-fn target_path(model: Option<PathBuf>) -> Result<PathBuf> {
-    Ok(match model {
+/// The target (`--model`, or SmolLM2 fetched on first use) with f32 weights.
+fn load_target(model: Option<PathBuf>) -> Result<LoadedModel<DefaultBackend>> {
+    let path = match model {
         Some(p) => p,
         None => ensure(Asset::SmolLm2)?,
-    })
+    };
+    load_model::<DefaultBackend>(&path, &default_device(), WeightDtype::F32)
+        .with_context(|| format!("loading {}", path.display()))
 }
 
 fn main() -> Result<()> {
@@ -126,9 +129,7 @@ fn main() -> Result<()> {
             dtype,
             out,
         } => {
-            let path = target_path(model)?;
-            let loaded = load_model::<DefaultBackend>(&path, &default_device(), WeightDtype::F32)
-                .with_context(|| format!("loading {}", path.display()))?;
+            let loaded = load_target(model)?;
             let corpus_path = if corpus == "sharegpt" {
                 ensure(Asset::ShareGpt)?
             } else {
@@ -161,7 +162,8 @@ fn main() -> Result<()> {
                 "bf16" => FeatureDtype::Bf16,
                 other => anyhow::bail!("--dtype {other}: use f16 or bf16"),
             };
-            let name = path
+            let name = loaded
+                .path
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
@@ -191,9 +193,7 @@ fn main() -> Result<()> {
             init,
             stop_after_epochs,
         } => {
-            let path = target_path(model)?;
-            let loaded = load_model::<DefaultBackend>(&path, &default_device(), WeightDtype::F32)
-                .with_context(|| format!("loading {}", path.display()))?;
+            let loaded = load_target(model)?;
             let plan = match config {
                 Some(p) => TrainPlan::from_file(&p)?,
                 None => TrainPlan::hass_reference(),
@@ -221,9 +221,7 @@ fn main() -> Result<()> {
             with_embedding,
             out,
         } => {
-            let path = target_path(model)?;
-            let loaded = load_model::<DefaultBackend>(&path, &default_device(), WeightDtype::F32)
-                .with_context(|| format!("loading {}", path.display()))?;
+            let loaded = load_target(model)?;
             let h = DraftHead::load(&head, &loaded.model)
                 .with_context(|| format!("loading {}", head.display()))?;
             let opts = SaveOptions {
