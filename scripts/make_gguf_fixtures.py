@@ -3,11 +3,13 @@
 
 Needs the PyPI packages `gguf`, `numpy` and `safetensors`
 (`python3 -m pip install gguf numpy safetensors`). Deterministic: the same package
-versions give byte-identical files. Run from anywhere:
+versions give byte-identical files. `scripts/fetch_assets.sh gguf-fixtures` runs it
+(installing the packages if needed) into `$HASS_CACHE/gguf-fixtures/`, where the tests
+look; by hand:
 
-    python3 scripts/make_gguf_fixtures.py
+    python3 scripts/make_gguf_fixtures.py OUT_DIR
 
-Outputs (in tests/fixtures/gguf/):
+Outputs (in OUT_DIR):
 
 * `types.gguf` + `types.ref.safetensors`: one tensor per supported ggml type (F32, F16,
   BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K), a 3-D tensor, an unsupported
@@ -26,15 +28,13 @@ Outputs (in tests/fixtures/gguf/):
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
 import gguf
 from gguf import GGMLQuantizationType as T
 from safetensors.numpy import save_file
-
-OUT = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "gguf"
-
 
 def rng(seed: int) -> np.random.Generator:
     return np.random.default_rng(seed)
@@ -256,6 +256,9 @@ def tiny_model(
 
 
 def main() -> None:
+    if len(sys.argv) != 2:
+        sys.exit(f"usage: {sys.argv[0]} OUT_DIR")
+    OUT = Path(sys.argv[1])
     OUT.mkdir(parents=True, exist_ok=True)
     write_types(OUT)
 

@@ -16,6 +16,12 @@ pub enum Asset {
     QwenCoder,
     /// ShareGPT conversations (training data).
     ShareGpt,
+    /// Directory of llama.cpp's vocabulary-only GGUFs and tokenizer test vectors
+    /// (from the `llama-cpp-python` source package): the GGUF tokenizer tests' fixtures.
+    VocabFixtures,
+    /// Directory of tiny GGUFs with reference tensors, written by
+    /// `scripts/make_gguf_fixtures.py`: the GGUF reader tests' fixtures.
+    GgufFixtures,
 }
 
 impl Asset {
@@ -24,6 +30,8 @@ impl Asset {
             Asset::SmolLm2 => "smollm2",
             Asset::QwenCoder => "qwen-coder",
             Asset::ShareGpt => "sharegpt",
+            Asset::VocabFixtures => "vocab",
+            Asset::GgufFixtures => "gguf-fixtures",
         }
     }
 
@@ -32,6 +40,26 @@ impl Asset {
             Asset::SmolLm2 => "SmolLM2-135M-Instruct.Q4_1.gguf",
             Asset::QwenCoder => "qwen2.5-coder-0.5b-instruct.gguf",
             Asset::ShareGpt => "ShareGPT_V3_unfiltered_cleaned_split.json",
+            Asset::VocabFixtures => "llama.cpp-vocab",
+            Asset::GgufFixtures => "gguf-fixtures",
+        }
+    }
+
+    /// The file whose presence means the asset is complete (the scripts write it last
+    /// or move the whole directory into place).
+    fn marker(self) -> Option<&'static str> {
+        match self {
+            Asset::VocabFixtures => Some("LICENSE"),
+            Asset::GgufFixtures => Some("types.gguf"),
+            _ => None,
+        }
+    }
+
+    fn is_cached(self) -> bool {
+        let path = cached_path(self);
+        match self.marker() {
+            Some(m) => path.join(m).is_file(),
+            None => path.is_file(),
         }
     }
 }
@@ -48,7 +76,8 @@ pub fn cache_dir() -> PathBuf {
         .unwrap_or_else(|| repo_root().join("models"))
 }
 
-/// Where `asset` lives once fetched (it may not exist yet).
+/// Where `asset` (a file, or a directory for the fixture sets) lives once fetched (it
+/// may not exist yet).
 pub fn cached_path(asset: Asset) -> PathBuf {
     cache_dir().join(asset.file_name())
 }
@@ -56,7 +85,7 @@ pub fn cached_path(asset: Asset) -> PathBuf {
 /// The path of `asset`, fetching it first if it is not cached.
 pub fn ensure(asset: Asset) -> Result<PathBuf> {
     let path = cached_path(asset);
-    if path.is_file() {
+    if asset.is_cached() {
         return Ok(path);
     }
     let script = repo_root().join("scripts/fetch_assets.sh");
@@ -72,7 +101,7 @@ pub fn ensure(asset: Asset) -> Result<PathBuf> {
         .stdout(std::process::Stdio::null())
         .status()
         .map_err(|e| HassError::io(&script, e))?;
-    if !status.success() || !path.is_file() {
+    if !status.success() || !asset.is_cached() {
         return Err(HassError::InvalidArgument(format!(
             "fetching {} failed ({status}); run `{} {}` by hand to see why",
             asset.file_name(),

@@ -1,5 +1,6 @@
 //! GGUF reader tests against fixtures written by `scripts/make_gguf_fixtures.py`
-//! (reference values from the `gguf` python package), plus hand-built corrupt files.
+//! (reference values from the `gguf` python package; generated into
+//! `$HASS_CACHE/gguf-fixtures/` on first use), plus hand-built corrupt files.
 
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -13,8 +14,8 @@ use hass_models::WeightSource;
 use safetensors::SafeTensors;
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/fixtures/gguf")
+    hass_models::assets::ensure(hass_models::assets::Asset::GgufFixtures)
+        .unwrap()
         .join(name)
 }
 
@@ -799,16 +800,10 @@ fn config_from_hand_built_metadata() {
 
 // ---------------------------------------------------------------- the real asset (when present)
 
-/// SmolLM2-135M-Instruct Q4_1 (git-ignored `models/`; see the fixtures script for where
-/// it comes from). Skipped when absent.
+/// SmolLM2-135M-Instruct Q4_1, fetched into `$HASS_CACHE` on first use.
 #[test]
-fn smollm2_q4_1_when_present() {
-    let path =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    if !path.exists() {
-        eprintln!("skipping: {} not present", path.display());
-        return;
-    }
+fn smollm2_q4_1() {
+    let path = hass_models::assets::ensure(hass_models::assets::Asset::SmolLm2).unwrap();
     let t0 = std::time::Instant::now();
     let w = GgufWeights::open(&path).unwrap();
     let open_time = t0.elapsed();

