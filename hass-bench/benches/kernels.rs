@@ -36,7 +36,7 @@ use burn::prelude::*;
 use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput};
 use hass_core::tree::{DraftTree, TreeBuilder, TreeParams};
 use hass_core::Result;
-use hass_infer::{draft_step, top_k_log_probs, EagleProposer, Proposer};
+use hass_infer::{draft_step, head_top_k, EagleProposer, Proposer};
 use hass_models::assets::{ensure, Asset};
 use hass_models::{default_device, load_model, DefaultBackend, DraftHead, LogitRows, WeightDtype};
 
@@ -277,7 +277,7 @@ fn model_benches(c: &mut Criterion) {
             .expect("draft context");
         let hidden = model.config().hidden_size;
         let mut prev = ctx_out.slice([CONTEXT - 1..CONTEXT, 0..hidden]);
-        let (tok1, lp1) = top_k_log_probs(model.logits(prev.clone()), k).expect("top-k");
+        let (tok1, lp1) = head_top_k(&model, &head, prev.clone(), k).expect("top-k");
         let mut builder = TreeBuilder::new(params, root, &tok1, &lp1).expect("builder");
         for _ in 0..DRAFT_STEPS_BEFORE {
             prev = draft_step(&model, &head, &mut builder, prev, &mut dcache, CONTEXT)
@@ -317,7 +317,7 @@ fn model_benches(c: &mut Criterion) {
                         )
                         .expect("draft forward");
                     dcache.truncate(len);
-                    black_box(model.logits(out).into_data())
+                    black_box(head.logits(&model, out).into_data())
                 })
             });
         }

@@ -47,6 +47,8 @@ pub mod vanilla;
 
 pub use generation::{GenerationConfig, GenerationOutput, GenerationStats, StopReason};
 pub use generator::Generator;
-pub use proposer::{draft_step, top_k_log_probs, EagleProposer, OracleProposer, Proposer};
+pub use proposer::{
+    draft_step, head_top_k, top_k_log_probs, EagleProposer, OracleProposer, Proposer,
+};
 pub use speculative::{SpeculativeGenerator, SpeculativeGeneratorBuilder, SpeculativeStats};
 pub use vanilla::VanillaGenerator;

@@ -58,6 +58,22 @@ pub fn top_k_log_probs<B: HassBackend>(
     Ok((host_ids(idx)?, host_f32(values)?))
 }
 
+/// The head's top-`k` next tokens (target ids) and draft log-probabilities for each
+/// row of its outputs `x` (`[rows, H]`), row-major `[rows · k]`: over the target's
+/// vocabulary, or over the head's reduced one, mapped back through `d2t`.
+pub fn head_top_k<B: HassBackend>(
+    target: &Llama<B>,
+    head: &DraftHead<B>,
+    x: Tensor<B, 2>,
+    k: usize,
+) -> Result<(Vec<u32>, Vec<f32>)> {
+    let (mut tokens, log_probs) = top_k_log_probs(head.logits(target, x), k)?;
+    for t in &mut tokens {
+        *t = head.target_id(*t);
+    }
+    Ok((tokens, log_probs))
+}
+
 /// One depth step of EAGLE-2 growth (spec §4.3): the frontier's parent rows of `prev`
 /// (the head's previous output), the head's forward at the frontier's shared position
 /// `context + offset` under the frontier's ancestor mask, the LM head, top-k, and the
@@ -88,7 +104,7 @@ pub fn draft_step<B: HassBackend>(
         Some(builder.frontier_mask()),
     )?;
     debug_assert_eq!(out.dims(), [k, target.config().hidden_size]);
-    let (tokens, log_probs) = top_k_log_probs(target.logits(out.clone()), k)?;
+    let (tokens, log_probs) = head_top_k(target, head, out.clone(), k)?;
     builder.expand(&tokens, &log_probs)?;
     Ok(out)
 }
@@ -109,11 +125,11 @@ pub struct EagleProposer<'a, B: HassBackend> {
 impl<'a, B: HassBackend> EagleProposer<'a, B> {
     pub fn new(target: &'a Llama<B>, head: &'a DraftHead<B>, params: TreeParams) -> Result<Self> {
         params.validate()?;
-        if params.top_k > target.config().vocab_size {
+        if params.top_k > head.output_size() {
             return Err(HassError::InvalidArgument(format!(
-                "top_k {} exceeds the vocabulary of {}",
+                "top_k {} exceeds the draft vocabulary of {}",
                 params.top_k,
-                target.config().vocab_size
+                head.output_size()
             )));
         }
         Ok(EagleProposer {
@@ -137,7 +153,7 @@ impl<'a, B: HassBackend> EagleProposer<'a, B> {
             .forward(self.target, features, tokens, &positions, cache, None)?;
         let [t, h] = out.dims();
         let last = out.slice([t - 1..t, 0..h]);
-        self.level1 = top_k_log_probs(self.target.logits(last.clone()), self.params.top_k)?;
+        self.level1 = head_top_k(self.target, self.head, last.clone(), self.params.top_k)?;
         self.last_hidden = Some(last);
         Ok(())
     }

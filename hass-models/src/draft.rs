@@ -4,7 +4,9 @@
 //! predicts the next feature `f̂_{t+1}`; `target.lm_head(f̂)` gives the draft's
 //! distribution of `x_{t+2}`. Architecture: `fc` over `[embedding, feature]` (2H → H,
 //! optional bias), then one LLaMA decoder layer **without input norm**, and **no
-//! final norm**. The embedding and LM head are the target's (frozen, shared).
+//! final norm**. The embedding and LM head are the target's (frozen, shared), unless
+//! the head has its own reduced vocabulary ([`DraftVocab`]: `lm_head.weight`, `d2t`,
+//! `t2d`, config `draft_vocab_size`).
 //!
 //! Checkpoints use the EAGLE layout (`config.json` + `model.safetensors`, keys
 //! `embed_tokens.weight`, `fc.weight`, `fc.bias`, `layers.0.*`); the presence of
@@ -21,6 +23,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::backend::HassBackend;
+use crate::draft_vocab::DraftVocab;
 use crate::kv_cache::KvCache;
 use crate::layer::{mm, AttnContext, DecoderLayer};
 use crate::llama::{Llama, WeightDtype};
@@ -36,6 +39,8 @@ pub struct DraftHead<B: Backend> {
     fc: Tensor<B, 2>,
     fc_bias: Option<Tensor<B, 1>>,
     layer: DecoderLayer<B>,
+    /// The head's own output vocabulary; `None`: the target's LM head.
+    vocab: Option<DraftVocab<B>>,
     device: B::Device,
 }
 
@@ -106,7 +111,7 @@ impl<B: HassBackend> DraftHead<B> {
             )));
         }
         let weights = SafetensorsDir::open(dir)?;
-        if weights
+        let head = if weights
             .tensor_names()
             .iter()
             .all(|n| n.starts_with("module."))
@@ -118,9 +123,25 @@ impl<B: HassBackend> DraftHead<B> {
                 },
                 config,
                 target,
-            )
+            )?
         } else {
-            Self::from_source(&weights, config, target)
+            Self::from_source(&weights, config, target)?
+        };
+        let declared = raw.get("draft_vocab_size").and_then(|v| v.as_u64());
+        let full = declared.is_none() || declared == Some(target.config().vocab_size as u64);
+        match (declared, head.draft_vocab()) {
+            (Some(n), Some(v)) if n as usize != v.size() => Err(HassError::config(
+                ctx,
+                format!(
+                    "draft_vocab_size {n} but lm_head.weight has {} rows",
+                    v.size()
+                ),
+            )),
+            (Some(n), None) if !full => Err(HassError::config(
+                ctx,
+                format!("draft_vocab_size {n} but the head has no lm_head.weight / d2t"),
+            )),
+            _ => Ok(head),
         }
     }
 
@@ -173,14 +194,50 @@ impl<B: HassBackend> DraftHead<B> {
             None
         };
         let layer = DecoderLayer::load(&ld, "layers.0", &config, false, &device)?;
+        let vocab = DraftVocab::load(&ld, h, tc.vocab_size, &device)?;
         ld.check_all_used(|n| n.ends_with("rotary_emb.inv_freq"))?;
         Ok(DraftHead {
             config,
             fc,
             fc_bias,
             layer,
+            vocab,
             device,
         })
+    }
+
+    /// The head with `vocab` as its output vocabulary (a reduced-vocabulary head
+    /// before training: [`DraftVocab::from_target`]).
+    pub fn with_vocab(mut self, vocab: DraftVocab<B>) -> Self {
+        self.vocab = Some(vocab);
+        self
+    }
+
+    /// The head's own output vocabulary, if it has one.
+    pub fn draft_vocab(&self) -> Option<&DraftVocab<B>> {
+        self.vocab.as_ref()
+    }
+
+    /// Size of the distribution [`DraftHead::logits`] returns.
+    pub fn output_size(&self) -> usize {
+        self.vocab
+            .as_ref()
+            .map_or(self.config.vocab_size, DraftVocab::size)
+    }
+
+    /// Draft logits `[rows, output_size]` of head outputs `x` (`[rows, H]`): the
+    /// target's LM head, or the head's own reduced one. Index `i` is target token
+    /// [`DraftHead::target_id`]`(i)`.
+    pub fn logits(&self, target: &Llama<B>, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        match &self.vocab {
+            Some(v) => v.logits(x),
+            None => target.logits(x),
+        }
+    }
+
+    /// The target id of draft index `i` (identity without a reduced vocabulary).
+    pub fn target_id(&self, i: u32) -> u32 {
+        self.vocab.as_ref().map_or(i, |v| v.ids()[i as usize])
     }
 
     /// A freshly initialised head for `target` (what training starts from):
@@ -230,6 +287,9 @@ impl<B: HassBackend> DraftHead<B> {
         for (name, shape, data) in self.layer.export("layers.0", &self.config) {
             w.insert(name, shape, data);
         }
+        if let Some(v) = &self.vocab {
+            v.export(&mut w);
+        }
         w
     }
 
@@ -251,30 +311,40 @@ impl<B: HassBackend> DraftHead<B> {
         let mut cfg = self.config.to_hf_json();
         cfg["bias"] = serde_json::Value::Bool(self.fc_bias.is_some());
         cfg["qkv_bias"] = serde_json::Value::Bool(self.config.attention_bias);
+        if let Some(v) = &self.vocab {
+            cfg["draft_vocab_size"] = serde_json::Value::from(v.size());
+        }
         let text = serde_json::to_string_pretty(&cfg).expect("JSON value");
         write_atomic(&dir.join("config.json"), text.as_bytes())?;
         let w = self.export_with(target, opts.with_embedding);
-        let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = w
+        use safetensors::Dtype;
+        let bytes: Vec<(String, Vec<usize>, Dtype, Vec<u8>)> = w
             .iter()
             .map(|(n, (s, d))| {
-                let b = match opts.dtype {
-                    WeightDtype::F32 => d.iter().flat_map(|x| x.to_le_bytes()).collect(),
-                    WeightDtype::F16 => d
-                        .iter()
-                        .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
-                        .collect(),
+                // The vocabulary maps keep EAGLE-3's dtypes: int64 offsets, bool flags.
+                let (dtype, b) = match (n.as_str(), opts.dtype) {
+                    ("d2t", _) => (
+                        Dtype::I64,
+                        d.iter().flat_map(|x| (*x as i64).to_le_bytes()).collect(),
+                    ),
+                    ("t2d", _) => (Dtype::BOOL, d.iter().map(|x| (*x != 0.0) as u8).collect()),
+                    (_, WeightDtype::F32) => {
+                        (Dtype::F32, d.iter().flat_map(|x| x.to_le_bytes()).collect())
+                    }
+                    (_, WeightDtype::F16) => (
+                        Dtype::F16,
+                        d.iter()
+                            .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
+                            .collect(),
+                    ),
                 };
-                (n.clone(), s.clone(), b)
+                (n.clone(), s.clone(), dtype, b)
             })
             .collect();
-        let st_dtype = match opts.dtype {
-            WeightDtype::F32 => safetensors::Dtype::F32,
-            WeightDtype::F16 => safetensors::Dtype::F16,
-        };
         let views: Vec<(String, safetensors::tensor::TensorView)> = bytes
             .iter()
-            .map(|(n, s, b)| {
-                let v = safetensors::tensor::TensorView::new(st_dtype, s.clone(), b)
+            .map(|(n, s, dtype, b)| {
+                let v = safetensors::tensor::TensorView::new(*dtype, s.clone(), b)
                     .expect("consistent view");
                 (n.clone(), v)
             })

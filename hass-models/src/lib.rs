@@ -4,6 +4,7 @@
 pub mod assets;
 pub mod backend;
 pub mod draft;
+pub mod draft_vocab;
 pub mod gguf;
 pub mod gguf_tokenizer;
 pub mod hf;
@@ -18,6 +19,7 @@ pub mod weights;
 
 pub use backend::{default_device, DefaultBackend, HassBackend};
 pub use draft::{DraftHead, SaveOptions};
+pub use draft_vocab::DraftVocab;
 pub use hf::load_hf_model;
 pub use kv_cache::KvCache;
 pub use llama::{ForwardOutput, Llama, LogitRows, WeightDtype};

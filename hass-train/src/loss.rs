@@ -302,8 +302,21 @@ impl<B: HassBackend> TargetDist<B> {
     }
 
     /// All losses of one forward's `predict` `[b, L, H]` (the same batch), with
-    /// `weights.k == self.k()`.
+    /// `weights.k == self.k()`; the draft's logits use the frozen LM head the
+    /// distribution was built with.
     pub fn loss(&self, predict: Tensor<B, 3>, weights: &LossWeights) -> Losses<B> {
+        self.loss_with_head(predict, None, weights)
+    }
+
+    /// [`TargetDist::loss`] with the draft's logits from `draft_head` (`[V, H]`, the
+    /// same rows as the distribution's LM head) when given: a trainable head (a
+    /// reduced vocabulary's own), which gets its exact gradient too.
+    pub fn loss_with_head(
+        &self,
+        predict: Tensor<B, 3>,
+        draft_head: Option<&Tensor<B, 2>>,
+        weights: &LossWeights,
+    ) -> Losses<B> {
         assert_eq!(
             weights.k, self.k,
             "LossWeights::k differs from the TargetDist's K"
@@ -318,7 +331,14 @@ impl<B: HassBackend> TargetDist<B> {
             let (k, vocab) = (self.k, self.vocab);
             let (p_w, t_w) = (weights.p_w, weights.topk_w);
             let pv = select_rows(predict, &self.rows);
-            let mut data = logits_host(pv.clone().detach(), &self.lm_head);
+            let head = match draft_head {
+                Some(w) => {
+                    assert_eq!(w.dims(), self.lm_head.dims(), "draft LM head shape");
+                    w.clone().detach()
+                }
+                None => self.lm_head.clone(),
+            };
+            let mut data = logits_host(pv.clone().detach(), &head);
             let per_row = for_rows(data.as_mut_slice::<f32>().expect("f32"), vocab, |r, x| {
                 let p = &self.probs[r * vocab..(r + 1) * vocab];
                 let ids = &self.topk_ids[r * k..(r + 1) * k];
@@ -363,9 +383,14 @@ impl<B: HassBackend> TargetDist<B> {
                 topk_value += tl;
                 accuracy.count(rank);
             }
-            // d loss / d predict = g · lm_head, fed back as Σ predict ⊙ G.
-            let g = Tensor::<B, 2>::from_data(data, &pv.device()).matmul(self.lm_head.clone());
-            let surrogate = (pv * g).sum();
+            // d loss / d predict = g · lm_head, fed back as Σ predict ⊙ G; a trainable
+            // head gets d loss / d head = gᵀ · predict the same way.
+            let g = Tensor::<B, 2>::from_data(data, &pv.device());
+            let mut surrogate = (pv.clone() * g.clone().matmul(head)).sum();
+            if let Some(w) = draft_head {
+                let gw = g.transpose().matmul(pv.detach());
+                surrogate = surrogate + (w.clone() * gw).sum();
+            }
             let value = p_w * ploss_value + t_w * topk_value;
             loss = loss + surrogate.clone() - surrogate.detach() + value;
         }

@@ -3,9 +3,11 @@
 //!
 //! [`TrainDraft`] holds only the trainable parameters: `fc` (2H → H, bias when the
 //! source has `fc.bias`), `q/k/v/o_proj`, `gate/up/down_proj` and the
-//! post-attention RMSNorm weight. The token embedding and the LM head belong to the
-//! target: they are frozen and enter the forward / the losses as plain tensors, which
-//! are detached inside, so no gradient ever reaches them.
+//! post-attention RMSNorm weight, and with a reduced draft vocabulary its own LM head
+//! `[N, H]` (`lm_head`, initialised from the target's rows; see
+//! `hass_models::DraftVocab`). The token embedding and the target's LM head are
+//! frozen and enter the forward / the losses as plain tensors, which are detached
+//! inside, so no gradient ever reaches them.
 //!
 //! It computes the same function as the inference head `hass_models::DraftHead`
 //! (no input norm, RoPE rotate-half, GQA as repeat-interleave, SwiGLU, no final
@@ -38,6 +40,7 @@ use burn::prelude::*;
 use burn::tensor::activation::{silu, softmax};
 use hass_core::config::ModelConfig;
 use hass_core::{HassError, Result};
+use hass_models::draft_vocab::{d2t_offsets, read_vocab};
 use hass_models::loader::Loader;
 use hass_models::HassBackend;
 use hass_models::{MemoryWeights, WeightSource};
@@ -59,6 +62,11 @@ pub struct TrainDraft<B: HassBackend> {
     pub down_proj: Linear<B>,
     /// `[H]`.
     pub post_attention_layernorm: Param<Tensor<B, 1>>,
+    /// The reduced vocabulary's own LM head `[N, H]` (HF layout), if any.
+    pub lm_head: Option<Param<Tensor<B, 2>>>,
+    /// Target id of each row of `lm_head` (empty without one).
+    #[module(skip)]
+    vocab_ids: Vec<u32>,
     hidden: usize,
     intermediate: usize,
     n_heads: usize,
@@ -113,6 +121,14 @@ fn host<B: HassBackend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
         .convert::<f32>()
         .into_vec::<f32>()
         .expect("f32 data")
+}
+
+fn param2<B: HassBackend>(
+    data: Vec<f32>,
+    shape: [usize; 2],
+    device: &B::Device,
+) -> Param<Tensor<B, 2>> {
+    Param::from_tensor(Tensor::from_data(TensorData::new(data, shape), device))
 }
 
 /// A Linear from the HF weight `[out, in]` (and bias `[out]` when `bias`).
@@ -217,6 +233,10 @@ impl<B: HassBackend> TrainDraft<B> {
             }
         }
         rd.skip("embed_tokens.weight"); // the target's embedding is used
+        let (lm_head, vocab_ids) = match read_vocab(&rd, h, c.vocab_size)? {
+            Some((w, ids)) => (Some(param2(w, [ids.len(), h], device)), ids),
+            None => (None, Vec::new()),
+        };
         rd.check_all_used(|n| n.ends_with("rotary_emb.inv_freq"))?;
         Ok(TrainDraft {
             fc,
@@ -231,6 +251,8 @@ impl<B: HassBackend> TrainDraft<B> {
                 TensorData::new(norm, [h]),
                 device,
             )),
+            lm_head,
+            vocab_ids,
             hidden: h,
             intermediate: inter,
             n_heads: c.num_attention_heads,
@@ -239,6 +261,20 @@ impl<B: HassBackend> TrainDraft<B> {
             eps: c.rms_norm_eps,
             config: c.clone(),
         })
+    }
+
+    /// The head with its own reduced vocabulary: `lm_head` `[ids.len(), H]` row-major
+    /// scores target tokens `ids` (ascending), e.g. the target's rows for them.
+    pub fn with_vocab(mut self, lm_head: Vec<f32>, ids: Vec<u32>, device: &B::Device) -> Self {
+        assert_eq!(lm_head.len(), ids.len() * self.hidden, "draft LM head size");
+        self.lm_head = Some(param2(lm_head, [ids.len(), self.hidden], device));
+        self.vocab_ids = ids;
+        self
+    }
+
+    /// Target ids of the reduced vocabulary (`None`: the target's LM head is used).
+    pub fn vocab_ids(&self) -> Option<&[u32]> {
+        self.lm_head.as_ref().map(|_| self.vocab_ids.as_slice())
     }
 
     /// A freshly initialised head ([`random_head_weights`]; the same numbers as
@@ -274,6 +310,11 @@ impl<B: HassBackend> TrainDraft<B> {
             vec![self.hidden],
             host(self.post_attention_layernorm.val()),
         );
+        if let Some(lm) = &self.lm_head {
+            let [n, h] = lm.dims();
+            w.insert("lm_head.weight", vec![n, h], host(lm.val()));
+            w.insert("d2t", vec![n], d2t_offsets(&self.vocab_ids));
+        }
         w
     }
 

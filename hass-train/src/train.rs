@@ -22,7 +22,8 @@ use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::DType;
 use hass_core::{HassError, Result};
-use hass_models::{DraftHead, KvCache, Llama, SafetensorsDir};
+use hass_models::draft_vocab::most_frequent;
+use hass_models::{DraftHead, DraftVocab, KvCache, Llama, SafetensorsDir};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -142,6 +143,12 @@ impl StageConfig {
 #[serde(deny_unknown_fields)]
 pub struct TrainPlan {
     pub stages: Vec<StageConfig>,
+    /// Train a head with its own reduced vocabulary of this many target tokens: the
+    /// most frequent under the loss mask of the training split (issue 7 §2; EAGLE-3's
+    /// `draft_vocab_size`). Applies when stage 1 starts from a fresh head; a head
+    /// started from keeps its own vocabulary.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub draft_vocab_size: Option<usize>,
 }
 
 impl TrainPlan {
@@ -158,6 +165,7 @@ impl TrainPlan {
                     ..StageConfig::default()
                 },
             ],
+            draft_vocab_size: None,
         }
     }
 
@@ -292,6 +300,7 @@ pub fn train<AD: TrainBackend>(
             s,
             &dir,
             start_head.as_deref(),
+            plan.draft_vocab_size,
             run.progress,
             &mut budget,
         )?;
@@ -303,6 +312,30 @@ pub fn train<AD: TrainBackend>(
         start_head = Some(dir);
     }
     Ok(reports)
+}
+
+/// How often each target token occurs under the loss mask of `samples` (truncated to
+/// `max_len`): what a reduced draft vocabulary is chosen from.
+fn token_counts(
+    data: &ShardDataset,
+    samples: &[usize],
+    max_len: usize,
+    vocab: usize,
+) -> Result<Vec<u64>> {
+    let mut counts = vec![0u64; vocab];
+    for &i in samples {
+        let s = data.get(i)?;
+        for (&id, &m) in s.input_ids.iter().zip(&s.loss_mask).take(max_len) {
+            let slot = counts.get_mut(id as usize).ok_or_else(|| {
+                HassError::InvalidArgument(format!(
+                    "token id {id} in {} is outside the target vocabulary of {vocab}",
+                    data.dir().display()
+                ))
+            })?;
+            *slot += (m != 0.0) as u64;
+        }
+    }
+    Ok(counts)
 }
 
 fn load_draft<AD: TrainBackend>(
@@ -323,6 +356,7 @@ fn train_stage<AD: TrainBackend>(
     stage: usize,
     dir: &Path,
     start: Option<&Path>,
+    draft_vocab_size: Option<usize>,
     progress: bool,
     budget: &mut usize,
 ) -> Result<StageReport> {
@@ -347,7 +381,16 @@ fn train_stage<AD: TrainBackend>(
     } else if let Some(start) = start {
         load_draft(start, target, &device)?
     } else {
-        TrainDraft::random(&draft_config(target.config()), cfg.seed, &device)?
+        let fresh = TrainDraft::random(&draft_config(target.config()), cfg.seed, &device)?;
+        match draft_vocab_size {
+            Some(n) => {
+                let counts =
+                    token_counts(data, &split.train, cfg.max_len, target.config().vocab_size)?;
+                let vocab = DraftVocab::from_target(target, most_frequent(&counts, n)?)?;
+                fresh.with_vocab(vocab.lm_head(), vocab.ids().to_vec(), &device)
+            }
+            None => fresh,
+        }
     };
     let mut optim = AdamWConfig::new()
         .with_beta_1(cfg.beta1)
@@ -374,7 +417,15 @@ fn train_stage<AD: TrainBackend>(
         }
     };
     let embedding = Tensor::<AD, 2>::from_inner(target.embedding().clone().cast(DType::F32));
-    let lm_head = Tensor::<AD, 2>::from_inner(target.lm_head().clone().cast(DType::F32));
+    // The LM head the target distribution is taken over: the target's, or its rows of
+    // the reduced vocabulary (EAGLE-3's `softmax(target_logits[..., t2d])`).
+    let mut lm_head = target.lm_head().clone();
+    if let Some(ids) = model.vocab_ids() {
+        let idx = ids.iter().map(|&i| i as i64).collect::<Vec<_>>();
+        let idx = Tensor::from_data(TensorData::new(idx, [ids.len()]), &device);
+        lm_head = lm_head.select(0, idx);
+    }
+    let lm_head = Tensor::<AD, 2>::from_inner(lm_head.cast(DType::F32));
     let weights = cfg.loss_weights();
     let bar = progress.then(|| {
         let b = indicatif::ProgressBar::new(total_steps as u64);
@@ -549,7 +600,10 @@ fn forward_losses<AD: TrainBackend>(
     let mut m = EvalMetrics::default();
     for f in 0..cfg.forwards {
         let predict = model.forward(b.emb.clone(), &streams, cfg.leaky_softmax);
-        let out = b.dist.loss(predict.clone(), weights);
+        let own_head = model.lm_head.as_ref().map(|p| p.val());
+        let out = b
+            .dist
+            .loss_with_head(predict.clone(), own_head.as_ref(), weights);
         let n = cfg.forwards as f64;
         m.vloss += out.vloss / n;
         m.ploss += out.ploss / n;
@@ -658,7 +712,11 @@ fn multi_step_accuracy<B: HassBackend>(
             &mut cache,
             None,
         )?;
-        let stable_tokens = host_argmax(target.logits(stable.clone()))?;
+        let draft_argmax = |x: Tensor<B, 2>| -> Result<Vec<u32>> {
+            let ids = host_argmax(head.logits(target, x))?;
+            Ok(ids.into_iter().map(|i| head.target_id(i)).collect())
+        };
+        let stable_tokens = draft_argmax(stable.clone())?;
         for p in 1..l {
             if s.loss_mask[p] == 0.0 {
                 continue;
@@ -678,7 +736,7 @@ fn multi_step_accuracy<B: HassBackend>(
                 correct[k] += ok as usize;
                 if k + 1 < STEPS && at + 1 < l {
                     hidden = head.forward(target, hidden, &[tok], &[at], &mut steps, None)?;
-                    tok = host_argmax(target.logits(hidden.clone()))?[0];
+                    tok = draft_argmax(hidden.clone())?[0];
                 }
             }
         }

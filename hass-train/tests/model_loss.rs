@@ -656,6 +656,54 @@ fn losses_equal_hand_computation() {
     assert!(dist.loss(t3(&TARG), &weights).vloss.abs() < 1e-7);
 }
 
+/// A reduced vocabulary's own, trainable LM head: the fused loss gives the value and
+/// the gradients (w.r.t. `predict` and the head) of the plain autodiff formula, with
+/// the target distribution over the target's (different, frozen) rows.
+#[test]
+fn own_draft_head_gets_the_exact_gradient() {
+    let weights = LossWeights {
+        topk_w: 1.0,
+        k: 2,
+        ..Default::default()
+    };
+    let to_ad = |t: Tensor<B, 3>| Tensor::<AD, 3>::from_inner(t);
+    let mask_ad = Tensor::<AD, 2>::from_inner(mask());
+    let lm_t = Tensor::<AD, 2>::from_inner(lm());
+    let w0 = lm() * 0.7 + 0.05;
+
+    let pr = to_ad(t3(&PRED)).require_grad();
+    let w = Tensor::<AD, 2>::from_inner(w0.clone()).require_grad();
+    let p = hass_train::loss::target_probs(to_ad(t3(&TARG)), lm_t.clone());
+    let logq = burn::tensor::activation::log_softmax(
+        pr.clone()
+            .reshape([L, H])
+            .matmul(w.clone().transpose())
+            .reshape([1, L, V]),
+        2,
+    );
+    let total = vloss(pr.clone(), to_ad(t3(&TARG)), mask_ad.clone())
+        + ploss(logq.clone(), p.clone(), mask_ad.clone()) * 0.1
+        + topk_loss(logq, p, 2, mask_ad.clone());
+    let value = scalar(total.clone());
+    let g = total.backward();
+    let (gp_ref, gw_ref) = (host(pr.grad(&g).unwrap()), host(w.grad(&g).unwrap()));
+
+    let pf = to_ad(t3(&PRED)).require_grad();
+    let wf = Tensor::<AD, 2>::from_inner(w0).require_grad();
+    let dist = TargetDist::new(to_ad(t3(&TARG)), mask_ad, lm_t, 2);
+    let out = dist.loss_with_head(pf.clone(), Some(&wf), &weights);
+    let fused = scalar(out.loss.clone());
+    assert!(
+        (fused - value).abs() <= 1e-5 * (1.0 + value.abs()),
+        "{fused} vs {value}"
+    );
+    let g = out.loss.backward();
+    let (gp, gw) = (host(pf.grad(&g).unwrap()), host(wf.grad(&g).unwrap()));
+    assert!(max_diff(&gp_ref, &gp) <= 1e-6, "{gp_ref:?} vs {gp:?}");
+    assert!(max_diff(&gw_ref, &gw) <= 1e-6, "{gw_ref:?} vs {gw:?}");
+    assert!(gw.iter().any(|&x| x != 0.0), "the head gets a gradient");
+}
+
 #[test]
 fn fused_loss_gradient_equals_autodiff_reference() {
     // Tiny example: gradient w.r.t. predict itself.

@@ -78,6 +78,18 @@ fn stage(epochs: usize) -> StageConfig {
 
 #[test]
 fn training_improves_the_head_and_the_checkpoint_decodes_losslessly() {
+    train_and_decode(None);
+}
+
+/// The same with a reduced draft vocabulary of half the target's (issue 7 §2): the
+/// checkpoint carries its own LM head and `d2t`, and decoding stays lossless.
+#[test]
+fn a_reduced_vocabulary_head_trains_and_decodes_losslessly() {
+    let vocab = fixture().model.config().vocab_size;
+    train_and_decode(Some(vocab / 2));
+}
+
+fn train_and_decode(draft_vocab_size: Option<usize>) {
     let m = fixture();
     let tmp = tempfile::tempdir().unwrap();
     let data = dataset(&m, &tmp.path().join("data"));
@@ -90,6 +102,7 @@ fn training_improves_the_head_and_the_checkpoint_decodes_losslessly() {
                 ..stage(1)
             },
         ],
+        draft_vocab_size,
     };
     let out = tmp.path().join("run");
     let reports = train::<AD>(&m.model, &data, &plan, &out, &RunOptions::default()).unwrap();
@@ -122,6 +135,11 @@ fn training_improves_the_head_and_the_checkpoint_decodes_losslessly() {
     }
 
     let head = DraftHead::load(out.join("stage2"), &m.model).unwrap();
+    assert_eq!(head.draft_vocab().map(|v| v.size()), draft_vocab_size);
+    assert_eq!(
+        head.output_size(),
+        draft_vocab_size.unwrap_or(m.model.config().vocab_size)
+    );
     let cfg = GenerationConfig {
         max_new_tokens: 24,
         stop_tokens: vec![u32::MAX],
@@ -149,11 +167,21 @@ fn training_improves_the_head_and_the_checkpoint_decodes_losslessly() {
 
 #[test]
 fn a_run_split_across_invocations_is_bit_identical() {
+    split_run_is_bit_identical(None);
+}
+
+#[test]
+fn a_reduced_vocabulary_run_split_across_invocations_is_bit_identical() {
+    split_run_is_bit_identical(Some(fixture().model.config().vocab_size / 2));
+}
+
+fn split_run_is_bit_identical(draft_vocab_size: Option<usize>) {
     let m = fixture();
     let tmp = tempfile::tempdir().unwrap();
     let data = dataset(&m, &tmp.path().join("data"));
     let plan = TrainPlan {
         stages: vec![stage(2)],
+        draft_vocab_size,
     };
     let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
     train::<AD>(&m.model, &data, &plan, &a, &RunOptions::default()).unwrap();
@@ -181,12 +209,16 @@ fn bad_training_input_is_an_error() {
             epochs: 0,
             ..stage(1)
         }],
+        draft_vocab_size: None,
     };
     assert!(train::<AD>(&m.model, &data, &zero, tmp.path(), &RunOptions::default()).is_err());
     assert!(train::<AD>(
         &m.model,
         &data,
-        &TrainPlan { stages: vec![] },
+        &TrainPlan {
+            stages: vec![],
+            draft_vocab_size: None
+        },
         tmp.path(),
         &RunOptions::default()
     )
