@@ -37,12 +37,14 @@ use crate::error::{HassError, Result};
 /// root**, so the target verifies `total_tokens + 1` tokens per round. The
 /// reference scripts' `total_token = 60` is `total_tokens = 59` here (see
 /// [`TreeParams::from_total_token`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TreeParams {
     /// Draft nodes selected for verification, excluding the root.
     pub total_tokens: usize,
     /// Number of draft forwards (expansion steps) during growth; candidates reach
-    /// tree depth `depth + 1`.
+    /// tree depth `depth + 1`. `0` drafts from the level-1 candidates alone (the
+    /// draft's prediction made when the previous round committed): no draft forward
+    /// at all, which pays off where draft forwards are expensive (CPU).
     pub depth: usize,
     /// Children per expanded node and width of the frontier.
     pub top_k: usize,
@@ -83,17 +85,12 @@ impl TreeParams {
         Self::new(total_token - 1, depth, top_k)
     }
 
-    /// `top_k ≥ 1`, `depth ≥ 1`, `total_tokens ≥ 1`, and `total_tokens` at most the
+    /// `top_k ≥ 1`, `total_tokens ≥ 1`, and `total_tokens` at most the
     /// number of candidates growth produces, `top_k + depth·top_k²`.
     pub fn validate(&self) -> Result<()> {
         if self.top_k == 0 {
             return Err(HassError::InvalidArgument(
                 "tree top_k must be >= 1, got 0".into(),
-            ));
-        }
-        if self.depth == 0 {
-            return Err(HassError::InvalidArgument(
-                "tree depth must be >= 1, got 0".into(),
             ));
         }
         if self.total_tokens == 0 {
@@ -614,7 +611,7 @@ mod tests {
         assert_eq!(TreeParams::default().num_nodes(), 60);
         for (t, d, k, word) in [
             (5, 2, 0, "top_k"),
-            (5, 0, 2, "depth"),
+            (3, 0, 2, "total_tokens"),
             (0, 2, 2, "total_tokens"),
             (11, 2, 2, "total_tokens"),
         ] {
@@ -622,7 +619,19 @@ mod tests {
             assert!(e.contains(word), "{e}");
         }
         assert!(TreeParams::new(10, 2, 2).is_ok());
+        assert!(TreeParams::new(2, 0, 2).is_ok());
         assert!(TreeParams::from_total_token(1, 2, 2).is_err());
+    }
+
+    /// Depth 0: no expansion; the best `total_tokens` level-1 candidates.
+    #[test]
+    fn depth_zero_keeps_level_one() {
+        let p = TreeParams::new(2, 0, 3).unwrap();
+        let b = TreeBuilder::new(p, 9, &[4, 5, 6], &[-1.0, -0.5, -3.0]).unwrap();
+        assert!(b.is_done());
+        let t = b.finish();
+        assert_eq!(t.tokens(), &[9, 4, 5]);
+        assert_eq!(t.depths(), &[0, 1, 1]);
     }
 
     #[test]

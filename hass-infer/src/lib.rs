@@ -43,6 +43,7 @@ pub mod generation;
 pub mod generator;
 pub mod proposer;
 pub mod speculative;
+pub mod tuning;
 pub mod vanilla;
 
 pub use generation::{GenerationConfig, GenerationOutput, GenerationStats, StopReason};

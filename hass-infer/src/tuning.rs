@@ -1,0 +1,665 @@
+//! Choosing the draft tree from measured costs (issue 7 §3).
+//!
+//! The best tree depends on the machine, the target and the head: on a GPU verifying
+//! 60 tokens costs about one decode step, on a 2-core CPU 16 tokens cost several. So
+//! the tree is picked from measurements instead of a fixed default:
+//!
+//! - [`CostProfile`]: the target's forward time for `M` new tokens (the verify-cost
+//!   curve), one draft depth step per frontier width `k`, and the rest of a round
+//!   (acceptance, KV compaction, the head's commit forward), timed on real rounds.
+//! - [`AcceptanceStats`]: on calibration text the target generated, how often the
+//!   target's next token is the head's rank-`r` candidate at tree level `ℓ`, given
+//!   that the levels above were in the tree (the head fed its own features, as when
+//!   drafting).
+//!
+//! [`Tuning::rank`] scores every tree of a grid by expected tokens per second,
+//! `E[τ] / round time`, with `E[τ] = 1 + Σ_nodes P(node accepted)` for the tree
+//! EAGLE-2 would grow if the head's probabilities were these rates (per-level rank
+//! rates multiplied along the path; the best `top_k` nodes of each level expanded, the
+//! best `total_tokens` kept). It is a model: the chosen tree is what it predicts best,
+//! and `hass-bench` measures what it really does.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use hass_core::chat::ChatMessage;
+use hass_core::tree::{TreeBuilder, TreeParams};
+use hass_core::{HassError, Result};
+use hass_models::{DraftHead, HassBackend, Llama, LoadedModel, LogitRows, WeightDtype};
+use serde::{Deserialize, Serialize};
+
+use crate::generation::GenerationConfig;
+use crate::proposer::{draft_step, head_top_k};
+use crate::speculative::SpeculativeGenerator;
+
+/// Measured costs of the pieces of a speculative round, in milliseconds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CostProfile {
+    /// `(M, ms)`: a target forward of `M` new tokens, logits of every row, on a cache
+    /// of `context` tokens; ascending `M`, starting at 1.
+    pub verify_ms: Vec<(usize, f64)>,
+    /// `(k, ms)`: one draft depth step with a frontier of `k` rows (head forward, LM
+    /// head, top-k, tree expansion); ascending `k`.
+    pub draft_step_ms: Vec<(usize, f64)>,
+    /// Everything else per round: acceptance, KV compaction, the head's forward over
+    /// the committed tokens and its level-1 top-k.
+    pub other_ms: f64,
+    /// Cache length the curves were measured at.
+    pub context: usize,
+}
+
+/// Piecewise-linear through `points` (ascending x), extended linearly past both ends.
+fn interpolate(points: &[(usize, f64)], x: usize) -> f64 {
+    match points {
+        [] => f64::NAN,
+        [(_, y)] => *y,
+        _ => {
+            let i = points
+                .windows(2)
+                .position(|w| x <= w[1].0)
+                .unwrap_or(points.len() - 2);
+            let ((x0, y0), (x1, y1)) = (points[i], points[i + 1]);
+            y0 + (y1 - y0) * (x as f64 - x0 as f64) / (x1 as f64 - x0 as f64)
+        }
+    }
+}
+
+impl CostProfile {
+    /// A target forward of `m` new tokens.
+    pub fn verify(&self, m: usize) -> f64 {
+        interpolate(&self.verify_ms, m)
+    }
+
+    /// One draft depth step over `k` rows.
+    pub fn draft_step(&self, k: usize) -> f64 {
+        interpolate(&self.draft_step_ms, k)
+    }
+
+    /// A speculative round with tree `p`: `depth` draft steps, the verification of
+    /// the root and `total_tokens` nodes, and the rest.
+    pub fn round_ms(&self, p: &TreeParams) -> f64 {
+        p.depth as f64 * self.draft_step(p.top_k) + self.verify(p.total_tokens + 1) + self.other_ms
+    }
+
+    /// A vanilla decode step (one new token).
+    pub fn vanilla_ms(&self) -> f64 {
+        self.verify(1)
+    }
+}
+
+/// How often the target's token is the head's rank-`r` candidate, per tree level.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AcceptanceStats {
+    /// `counts[ℓ][r]`: starts where the target's token at tree level `ℓ + 1` was the
+    /// head's rank-`r` candidate (0-based), all levels above being in the head's top
+    /// `max_k`.
+    pub counts: Vec<Vec<u64>>,
+    /// `totals[ℓ]`: starts whose levels above `ℓ + 1` were all in the top `max_k`.
+    pub totals: Vec<u64>,
+}
+
+impl AcceptanceStats {
+    fn new(levels: usize, max_k: usize) -> Self {
+        AcceptanceStats {
+            counts: vec![vec![0; max_k]; levels],
+            totals: vec![0; levels],
+        }
+    }
+
+    /// Tree levels measured (a tree of depth `d` needs `d + 1`).
+    pub fn levels(&self) -> usize {
+        self.totals.len()
+    }
+
+    /// Candidates per level measured.
+    pub fn max_k(&self) -> usize {
+        self.counts.first().map_or(0, Vec::len)
+    }
+
+    /// P(the target's token at `level` (1-based) is the rank-`rank` candidate | the
+    /// levels above were); 0 where nothing was measured.
+    pub fn rate(&self, level: usize, rank: usize) -> f64 {
+        let total = self.totals[level - 1];
+        if total == 0 {
+            return 0.0;
+        }
+        self.counts[level - 1][rank] as f64 / total as f64
+    }
+
+    /// Expected tokens accepted per round (τ − 1) for tree `p` (see the module docs).
+    /// `p` must fit the measurement: `depth + 1 ≤ levels()`, `top_k ≤ max_k()`.
+    pub fn expected_accepted(&self, p: &TreeParams) -> f64 {
+        assert!(p.depth < self.levels() && p.top_k <= self.max_k());
+        let k = p.top_k;
+        let mut values: Vec<f64> = (0..k).map(|r| self.rate(1, r)).collect();
+        let mut frontier = values.clone();
+        for level in 2..=p.depth + 1 {
+            let mut children: Vec<f64> = frontier
+                .iter()
+                .flat_map(|&v| (0..k).map(move |r| (v, r)))
+                .map(|(v, r)| v * self.rate(level, r))
+                .collect();
+            values.extend_from_slice(&children);
+            children.sort_by(|a, b| b.total_cmp(a));
+            children.truncate(k);
+            frontier = children;
+        }
+        values.sort_by(|a, b| b.total_cmp(a));
+        values.iter().take(p.total_tokens).sum()
+    }
+}
+
+/// The trees [`Tuning::rank`] considers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TuneGrid {
+    pub totals: Vec<usize>,
+    pub depths: Vec<usize>,
+    pub top_ks: Vec<usize>,
+}
+
+impl Default for TuneGrid {
+    fn default() -> Self {
+        TuneGrid {
+            totals: vec![1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32, 48, 63],
+            depths: vec![0, 1, 2, 3, 4, 5],
+            top_ks: vec![1, 2, 3, 4, 6, 8],
+        }
+    }
+}
+
+/// One scored tree.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TreeChoice {
+    pub params: TreeParams,
+    /// Predicted tokens per round (τ).
+    pub expected_tau: f64,
+    /// Predicted round time.
+    pub round_ms: f64,
+    /// `expected_tau / round_ms`, per second.
+    pub tokens_per_s: f64,
+}
+
+/// A cost profile and acceptance statistics: what the tree is chosen from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Tuning {
+    pub costs: CostProfile,
+    pub acceptance: AcceptanceStats,
+}
+
+impl Tuning {
+    /// Every valid tree of `grid` that the measurements cover, best predicted
+    /// throughput first (ties: the smaller tree).
+    pub fn rank(&self, grid: &TuneGrid) -> Vec<TreeChoice> {
+        let max_m = self.costs.verify_ms.last().map_or(1, |p| p.0);
+        let mut out = Vec::new();
+        for &t in &grid.totals {
+            for &d in &grid.depths {
+                for &k in &grid.top_ks {
+                    let Ok(p) = TreeParams::new(t, d, k) else {
+                        continue;
+                    };
+                    if d + 1 > self.acceptance.levels()
+                        || k > self.acceptance.max_k()
+                        || t + 1 > max_m
+                    {
+                        continue;
+                    }
+                    let tau = 1.0 + self.acceptance.expected_accepted(&p);
+                    let ms = self.costs.round_ms(&p);
+                    out.push(TreeChoice {
+                        params: p,
+                        expected_tau: tau,
+                        round_ms: ms,
+                        tokens_per_s: tau / ms * 1e3,
+                    });
+                }
+            }
+        }
+        out.sort_by(|a, b| {
+            b.tokens_per_s.total_cmp(&a.tokens_per_s).then(
+                (a.params.total_tokens, a.params.depth, a.params.top_k).cmp(&(
+                    b.params.total_tokens,
+                    b.params.depth,
+                    b.params.top_k,
+                )),
+            )
+        });
+        out
+    }
+
+    /// The best tree of `grid`.
+    pub fn best(&self, grid: &TuneGrid) -> Result<TreeChoice> {
+        self.rank(grid).into_iter().next().ok_or_else(|| {
+            HassError::InvalidArgument("no tree of the grid fits the tuning measurements".into())
+        })
+    }
+
+    /// Vanilla decoding's predicted tokens per second (one token per step).
+    pub fn vanilla_tokens_per_s(&self) -> f64 {
+        1e3 / self.costs.vanilla_ms()
+    }
+
+    /// Reads a tuning written by [`Tuning::save`].
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| HassError::io(path, e))?;
+        let t: Tuning = serde_json::from_str(&text).map_err(|e| HassError::Json {
+            path: path.to_path_buf(),
+            source: e,
+        })?;
+        let ok = !t.costs.verify_ms.is_empty()
+            && !t.costs.draft_step_ms.is_empty()
+            && t.acceptance.levels() > 0
+            && t.acceptance.max_k() > 0
+            && t.acceptance
+                .counts
+                .iter()
+                .all(|c| c.len() == t.acceptance.max_k());
+        if !ok {
+            return Err(HassError::malformed(
+                path.display(),
+                "tuning file with empty or ragged measurements",
+            ));
+        }
+        Ok(t)
+    }
+
+    /// Writes the tuning as JSON (atomically).
+    pub fn save(&self, path: &Path) -> Result<()> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| HassError::io(dir, e))?;
+        }
+        let tmp = path.with_extension("tmp");
+        let text = serde_json::to_string_pretty(self).expect("serialisable");
+        std::fs::write(&tmp, text).map_err(|e| HassError::io(&tmp, e))?;
+        std::fs::rename(&tmp, path).map_err(|e| HassError::io(path, e))
+    }
+}
+
+/// What [`measure`] runs.
+#[derive(Debug, Clone)]
+pub struct TuneOptions {
+    /// Calibration prompts (token ids, chat template applied); the target continues
+    /// each greedily for `gen_tokens`.
+    pub prompts: Vec<Vec<u32>>,
+    pub gen_tokens: usize,
+    /// Tree levels to measure acceptance for (trees up to depth `levels − 1`).
+    pub levels: usize,
+    /// Candidates per level to rank (the largest `top_k` considered).
+    pub max_k: usize,
+    /// `M` of the verify-cost curve (must include 1).
+    pub verify_sizes: Vec<usize>,
+    /// Timed repetitions per point (median; one extra warm-up).
+    pub repeats: usize,
+}
+
+impl Default for TuneOptions {
+    fn default() -> Self {
+        TuneOptions {
+            prompts: Vec::new(),
+            gen_tokens: 64,
+            levels: 6,
+            max_k: 8,
+            verify_sizes: vec![1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32, 48, 64],
+            repeats: 3,
+        }
+    }
+}
+
+fn median_ms(mut f: impl FnMut() -> Result<()>, repeats: usize) -> Result<f64> {
+    f()?; // warm-up
+    let mut times: Vec<Duration> = Vec::with_capacity(repeats);
+    for _ in 0..repeats.max(1) {
+        let t = Instant::now();
+        f()?;
+        times.push(t.elapsed());
+    }
+    times.sort();
+    Ok(times[times.len() / 2].as_secs_f64() * 1e3)
+}
+
+/// Measures a [`Tuning`] for `target` with `head` on this machine (tens of seconds
+/// for SmolLM2 on 2 CPU cores; cache the result).
+pub fn measure<B: HassBackend>(
+    target: &Llama<B>,
+    head: &DraftHead<B>,
+    opts: &TuneOptions,
+) -> Result<Tuning> {
+    if opts.prompts.is_empty() || opts.prompts.iter().any(|p| p.is_empty()) {
+        return Err(HassError::InvalidArgument(
+            "tuning needs at least one non-empty calibration prompt".into(),
+        ));
+    }
+    if opts.levels == 0
+        || opts.max_k == 0
+        || opts.max_k > head.output_size()
+        || opts.gen_tokens == 0
+    {
+        return Err(HassError::InvalidArgument(format!(
+            "tuning levels {}, max_k {} (draft vocabulary {}) and gen_tokens {} must be >= 1",
+            opts.levels,
+            opts.max_k,
+            head.output_size(),
+            opts.gen_tokens
+        )));
+    }
+    if opts.verify_sizes.first() != Some(&1) || opts.verify_sizes.windows(2).any(|w| w[0] >= w[1]) {
+        return Err(HassError::InvalidArgument(
+            "verify sizes must be ascending and start at 1".into(),
+        ));
+    }
+    // Calibration text, and the rest-of-round cost on real rounds (T = 0, so the
+    // output is the target's own greedy continuation).
+    let cheapest = TreeParams::new(1, 0, 1)?;
+    let mut gen = SpeculativeGenerator::builder(target)
+        .head(head)
+        .tree(cheapest)
+        .build()?;
+    let cfg = GenerationConfig {
+        max_new_tokens: opts.gen_tokens,
+        stop_tokens: vec![u32::MAX],
+        ..Default::default()
+    };
+    let (mut other, mut rounds) = (Duration::ZERO, 0usize);
+    let mut sequences = Vec::new();
+    for prompt in &opts.prompts {
+        let out = gen.generate(prompt, &cfg, |_| true)?;
+        let st = gen.speculative_stats();
+        other += st.other_time;
+        rounds += st.rounds;
+        let mut seq = prompt.clone();
+        seq.extend(&out.tokens);
+        sequences.push((prompt.len(), seq));
+    }
+    let mut acceptance = AcceptanceStats::new(opts.levels, opts.max_k);
+    for (start, seq) in &sequences {
+        rank_continuations(target, head, seq, *start, opts.max_k, &mut acceptance)?;
+    }
+
+    // Verify curve and draft steps on the first calibration sequence as context.
+    let seq = &sequences[0].1;
+    let n = seq.len();
+    let max_m = *opts.verify_sizes.last().expect("non-empty");
+    let mut cache = target.new_cache(n + max_m);
+    let positions: Vec<usize> = (0..n).collect();
+    let features = target
+        .forward(seq, &positions, &mut cache, None, LogitRows::None)?
+        .features;
+    let vocab = target.config().vocab_size;
+    let mut verify_ms = Vec::new();
+    for &m in &opts.verify_sizes {
+        let tokens: Vec<u32> = (0..m).map(|i| ((i * 7919 + 13) % vocab) as u32).collect();
+        let pos: Vec<usize> = (n..n + m).collect();
+        let ms = median_ms(
+            || {
+                let o = target.forward(&tokens, &pos, &mut cache, None, LogitRows::All)?;
+                let _ = o.logits.expect("requested").into_data();
+                cache.truncate(n);
+                Ok(())
+            },
+            opts.repeats,
+        )?;
+        verify_ms.push((m, ms));
+    }
+    let mut dcache = head.new_cache(n + 2 * opts.max_k);
+    let out = head.forward(
+        target,
+        features.slice([0..n - 1, 0..target.config().hidden_size]),
+        &seq[1..],
+        &positions[..n - 1],
+        &mut dcache,
+        None,
+    )?;
+    let h = target.config().hidden_size;
+    let last = out.slice([n - 2..n - 1, 0..h]);
+    let ctx = dcache.len();
+    let mut draft_step_ms = Vec::new();
+    for k in [1, 2, 3, 4, 6, 8, 12, 16]
+        .into_iter()
+        .filter(|&k| k <= opts.max_k)
+    {
+        let (tok1, lp1) = head_top_k(target, head, last.clone(), k)?;
+        let builder = TreeBuilder::new(TreeParams::new(k, 1, k)?, seq[n - 1], &tok1, &lp1)?;
+        let ms = median_ms(
+            || {
+                let mut b = builder.clone();
+                let o = draft_step(target, head, &mut b, last.clone(), &mut dcache, ctx)?;
+                let _ = o.into_data();
+                dcache.truncate(ctx);
+                Ok(())
+            },
+            opts.repeats,
+        )?;
+        draft_step_ms.push((k, ms));
+    }
+    Ok(Tuning {
+        costs: CostProfile {
+            verify_ms,
+            draft_step_ms,
+            other_ms: other.as_secs_f64() * 1e3 / rounds.max(1) as f64,
+            context: n,
+        },
+        acceptance,
+    })
+}
+
+/// Calibration requests of [`cached_tuning`]: explanation, story, arithmetic and code
+/// (not benchmark questions).
+pub const CALIBRATION_PROMPTS: [&str; 4] = [
+    "Explain how a refrigerator keeps food cold, in simple terms.",
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "Tom has 3 boxes with 12 apples each. He gives away 15 apples. How many are left? \
+     Explain step by step.",
+    "Write a Python function that returns the n-th Fibonacci number, with a docstring.",
+];
+
+/// Size and modification time of `path` (what identifies a weight file in the key).
+fn file_stamp(path: &Path) -> String {
+    match std::fs::metadata(path) {
+        Ok(m) => {
+            let mtime = m
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_secs());
+            format!("{}:{}:{mtime}", path.display(), m.len())
+        }
+        Err(_) => path.display().to_string(),
+    }
+}
+
+/// What a tuning depends on besides the weights: CPU model and usable threads.
+fn machine_stamp() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_string())
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string());
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    format!("{cpu}:{threads}")
+}
+
+/// The tuning of `loaded` with the head in `head_dir` (weights in `dtype`) on this
+/// machine: read from `cache_dir/<key>.json`, or measured with
+/// [`CALIBRATION_PROMPTS`] through the model's chat template and written there. The
+/// key covers the target and head files (path, size, mtime), the dtype, the backend,
+/// the CPU model and thread count. Returns the tuning, its file, and whether it was
+/// measured now.
+pub fn cached_tuning<B: HassBackend>(
+    loaded: &LoadedModel<B>,
+    head: &DraftHead<B>,
+    head_dir: &Path,
+    dtype: WeightDtype,
+    cache_dir: &Path,
+) -> Result<(Tuning, PathBuf, bool)> {
+    let key = [
+        file_stamp(&loaded.path),
+        file_stamp(&head_dir.join("model.safetensors")),
+        format!("{dtype:?}"),
+        std::any::type_name::<B>().to_string(),
+        machine_stamp(),
+    ]
+    .join("|");
+    let hash = key.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    });
+    let path = cache_dir.join(format!("{hash:016x}.json"));
+    if let Ok(t) = Tuning::load(&path) {
+        return Ok((t, path, false));
+    }
+    let prompts = CALIBRATION_PROMPTS
+        .iter()
+        .map(|q| {
+            let text = loaded
+                .chat_template
+                .render(&[ChatMessage::user(*q)], true)?;
+            loaded.tokenizer.encode(&text, false)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let opts = TuneOptions {
+        prompts,
+        max_k: TuneOptions::default().max_k.min(head.output_size()),
+        ..Default::default()
+    };
+    let t = measure(&loaded.model, head, &opts)?;
+    t.save(&path)?;
+    Ok((t, path, true))
+}
+
+/// Adds to `stats` the head's ranks of the target's tokens `seq[start + 1..]`: for
+/// each root `seq[p]` (`p ≥ start`), level 1 from the head's row over true features,
+/// deeper levels feeding the head its own outputs with the true tokens, as drafting
+/// an accepted path does.
+fn rank_continuations<B: HassBackend>(
+    target: &Llama<B>,
+    head: &DraftHead<B>,
+    seq: &[u32],
+    start: usize,
+    max_k: usize,
+    stats: &mut AcceptanceStats,
+) -> Result<()> {
+    let n = seq.len();
+    if start < 1 || start + 1 >= n {
+        return Ok(());
+    }
+    let h = target.config().hidden_size;
+    let levels = stats.levels();
+    let mut tcache = target.new_cache(n);
+    let positions: Vec<usize> = (0..n).collect();
+    let features = target
+        .forward(seq, &positions, &mut tcache, None, LogitRows::None)?
+        .features;
+    let feature = |t: usize| features.clone().slice([t..t + 1, 0..h]);
+    let mut cache = head.new_cache(n + levels);
+    // Stable rows 0..start: row t pairs f_t with x_{t+1}.
+    let out = head.forward(
+        target,
+        features.clone().slice([0..start, 0..h]),
+        &seq[1..start + 1],
+        &positions[..start],
+        &mut cache,
+        None,
+    )?;
+    let mut prev_stable = out.slice([start - 1..start, 0..h]);
+    for p in start..n - 1 {
+        let mut prev = prev_stable.clone();
+        for level in 1..=levels {
+            let at = p + level; // the token this level should predict
+            if at >= n {
+                break;
+            }
+            if level > 1 {
+                prev = head.forward(
+                    target,
+                    prev,
+                    &[seq[at - 1]],
+                    &[p + level - 2],
+                    &mut cache,
+                    None,
+                )?;
+            }
+            let (top, _) = head_top_k(target, head, prev.clone(), max_k)?;
+            stats.totals[level - 1] += 1;
+            match top.iter().position(|&t| t == seq[at]) {
+                Some(r) => stats.counts[level - 1][r] += 1,
+                None => break,
+            }
+        }
+        cache.truncate(p);
+        if p + 2 < n {
+            prev_stable =
+                head.forward(target, feature(p), &[seq[p + 1]], &[p], &mut cache, None)?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stats(rates: &[&[u64]]) -> AcceptanceStats {
+        AcceptanceStats {
+            counts: rates.iter().map(|r| r.to_vec()).collect(),
+            totals: vec![100; rates.len()],
+        }
+    }
+
+    #[test]
+    fn interpolation_is_linear_and_extends() {
+        let pts = [(1, 10.0), (2, 12.0), (4, 20.0)];
+        assert_eq!(interpolate(&pts, 1), 10.0);
+        assert_eq!(interpolate(&pts, 3), 16.0);
+        assert_eq!(interpolate(&pts, 6), 28.0);
+        assert_eq!(interpolate(&[(1, 5.0)], 9), 5.0);
+    }
+
+    #[test]
+    fn expected_accepted_by_hand() {
+        // Level 1: ranks 0/1 accepted 50% / 20%; level 2: 40% / 10%.
+        let s = stats(&[&[50, 20], &[40, 10]]);
+        let p = |t, d, k| TreeParams::new(t, d, k).unwrap();
+        assert!((s.expected_accepted(&p(1, 0, 1)) - 0.5).abs() < 1e-12);
+        assert!((s.expected_accepted(&p(2, 0, 2)) - 0.7).abs() < 1e-12);
+        // Chain of 2: 0.5 + 0.5·0.4.
+        assert!((s.expected_accepted(&p(2, 1, 1)) - 0.7).abs() < 1e-12);
+        // k = 2, depth 1: candidates 0.5, 0.2, 0.2, 0.05, 0.08, 0.02; best 3.
+        assert!((s.expected_accepted(&p(3, 1, 2)) - 0.9).abs() < 1e-12);
+        assert!((s.expected_accepted(&p(6, 1, 2)) - 1.05).abs() < 1e-12);
+    }
+
+    #[test]
+    fn rank_prefers_throughput_and_respects_the_measurements() {
+        let t = Tuning {
+            costs: CostProfile {
+                verify_ms: vec![(1, 20.0), (2, 22.0), (4, 30.0), (8, 60.0)],
+                draft_step_ms: vec![(1, 3.0), (2, 4.0)],
+                other_ms: 2.0,
+                context: 100,
+            },
+            acceptance: stats(&[&[60, 20], &[50, 10]]),
+        };
+        let ranked = t.rank(&TuneGrid::default());
+        assert!(ranked
+            .iter()
+            .all(|c| c.params.depth <= 1 && c.params.top_k <= 2 && c.params.total_tokens < 8));
+        assert!(ranked
+            .windows(2)
+            .all(|w| w[0].tokens_per_s >= w[1].tokens_per_s));
+        let best = &ranked[0];
+        // (1, 0, 1): τ 1.6 in 22 + 2 ms = 66.7/s beats e.g. the 2-chain: τ 1.9 in
+        // 3 + 26 + 2 ms.
+        assert_eq!(best.params, TreeParams::new(1, 0, 1).unwrap());
+        assert!((best.tokens_per_s - 1.6 / 24.0 * 1e3).abs() < 1e-9);
+        assert!((t.vanilla_tokens_per_s() - 50.0).abs() < 1e-12);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.json");
+        t.save(&path).unwrap();
+        assert_eq!(Tuning::load(&path).unwrap(), t);
+        std::fs::write(&path, "{\"costs\": 1}").unwrap();
+        assert!(Tuning::load(&path).is_err());
+    }
+}

@@ -1,0 +1,121 @@
+//! Tree tuning on a fixture target with a random head: the measurements have the
+//! promised shape, the chosen tree decodes losslessly, and depth-0 trees (level-1
+//! candidates only, no draft forward) are lossless too.
+
+mod common;
+
+use common::*;
+use hass_core::tree::TreeParams;
+use hass_infer::tuning::{measure, TuneGrid, TuneOptions};
+use hass_infer::{GenerationConfig, SpeculativeGenerator, VanillaGenerator};
+use hass_models::DraftHead;
+
+#[test]
+fn tuning_measures_and_its_choice_is_lossless() {
+    let m = fixture_model("llama3");
+    let head = DraftHead::random(&m, 7).unwrap();
+    let prompts: Vec<Vec<u32>> = vec![(20..32).collect(), (100..108).collect()];
+    let opts = TuneOptions {
+        prompts: prompts.clone(),
+        gen_tokens: 12,
+        levels: 3,
+        max_k: 4,
+        verify_sizes: vec![1, 2, 4, 8, 16],
+        repeats: 1,
+    };
+    let t = measure(&m, &head, &opts).unwrap();
+    let c = &t.costs;
+    assert_eq!(
+        c.verify_ms.iter().map(|p| p.0).collect::<Vec<_>>(),
+        vec![1, 2, 4, 8, 16]
+    );
+    assert_eq!(
+        c.draft_step_ms.iter().map(|p| p.0).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4]
+    );
+    assert!(c
+        .verify_ms
+        .iter()
+        .chain(&c.draft_step_ms)
+        .all(|p| p.1 > 0.0));
+    assert!(c.other_ms > 0.0 && c.context == 12 + 12);
+    let a = &t.acceptance;
+    assert_eq!((a.levels(), a.max_k()), (3, 4));
+    // Level 1 ranks every root of the generated part whose next token is known.
+    assert_eq!(a.totals[0], 2 * (12 - 1));
+    for l in 0..3 {
+        assert!(a.counts[l].iter().sum::<u64>() <= a.totals[l]);
+        if l > 0 {
+            assert!(a.totals[l] <= a.counts[l - 1].iter().sum::<u64>());
+        }
+    }
+    let ranked = t.rank(&TuneGrid::default());
+    assert!(!ranked.is_empty());
+    assert!(ranked
+        .iter()
+        .all(|r| r.params.depth < 3 && r.params.top_k <= 4 && r.params.total_tokens < 16));
+    let best = t.best(&TuneGrid::default()).unwrap();
+    assert_eq!(best, ranked[0]);
+
+    let cfg = GenerationConfig {
+        max_new_tokens: 24,
+        stop_tokens: vec![u32::MAX],
+        ..Default::default()
+    };
+    for tree in [
+        best.params,
+        TreeParams::new(1, 0, 1).unwrap(),
+        TreeParams::new(3, 0, 4).unwrap(),
+    ] {
+        let mut g = SpeculativeGenerator::builder(&m)
+            .head(&head)
+            .tree(tree)
+            .build()
+            .unwrap();
+        for p in &prompts {
+            let want = VanillaGenerator::new(&m)
+                .generate(p, &cfg, |_| true)
+                .unwrap();
+            assert_eq!(
+                g.generate(p, &cfg, |_| true).unwrap().tokens,
+                want.tokens,
+                "{tree:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn bad_tuning_options_are_errors() {
+    let m = fixture_model("llama3");
+    let head = DraftHead::random(&m, 7).unwrap();
+    let ok = TuneOptions {
+        prompts: vec![(20..28).collect()],
+        gen_tokens: 4,
+        ..Default::default()
+    };
+    for bad in [
+        TuneOptions {
+            prompts: vec![],
+            ..ok.clone()
+        },
+        TuneOptions {
+            prompts: vec![vec![]],
+            ..ok.clone()
+        },
+        TuneOptions {
+            max_k: 100_000,
+            ..ok.clone()
+        },
+        TuneOptions {
+            gen_tokens: 0,
+            ..ok.clone()
+        },
+        TuneOptions {
+            verify_sizes: vec![2, 4],
+            ..ok.clone()
+        },
+    ] {
+        assert!(measure(&m, &head, &bad).is_err(), "{bad:?}");
+    }
+}
