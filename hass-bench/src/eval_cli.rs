@@ -8,6 +8,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use hass_core::tree::TreeParams;
+use hass_infer::tuning::{AutoTree, TreeSpec};
 use hass_models::assets::{ensure, Asset};
 use hass_models::backend::backend_name;
 use hass_models::{default_device, load_model, DefaultBackend, DraftHead, WeightDtype};
@@ -50,10 +51,11 @@ pub struct EvalArgs {
     /// Per turn (the reference uses 512).
     #[arg(long, default_value_t = 512)]
     pub max_new_tokens: usize,
-    /// Tree: total_tokens,depth,top_k (total excludes the root); the default is the
-    /// fastest shape of `--sweep` for the committed SmolLM2 heads on a 2-core CPU.
-    #[arg(long, value_delimiter = ',', default_value = "1,1,2")]
-    pub tree: Vec<usize>,
+    /// Tree: `auto` (per head, from this machine's measured costs and the head's
+    /// acceptance; cached in $HASS_CACHE/tuning) or total_tokens,depth,top_k (total
+    /// excludes the root).
+    #[arg(long, default_value = "auto")]
+    pub tree: TreeSpec,
     /// Untimed runs of every method on the first question before measuring.
     #[arg(long, default_value_t = 1)]
     pub warmup: usize,
@@ -71,7 +73,7 @@ pub struct EvalArgs {
     pub sweep_max_new_tokens: usize,
     #[arg(long, value_delimiter = ',', default_value = "2,4,7,11,15,31")]
     pub sweep_total: Vec<usize>,
-    #[arg(long, value_delimiter = ',', default_value = "1,2,3,5")]
+    #[arg(long, value_delimiter = ',', default_value = "0,1,2,3,5")]
     pub sweep_depth: Vec<usize>,
     #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
     pub sweep_top_k: Vec<usize>,
@@ -89,10 +91,18 @@ struct Report<'a> {
     backend: &'static str,
     cpus: usize,
     args: &'a EvalArgs,
-    tree: TreeParams,
+    trees: &'a [HeadTree],
     sweep: Option<&'a SweepReport>,
     summaries: &'a [Summary],
     questions: &'a [QuestionResult],
+}
+
+/// The tree a head decoded with, and how `auto` chose it.
+#[derive(Serialize)]
+struct HeadTree {
+    head: String,
+    tree: TreeParams,
+    auto: Option<AutoTree>,
 }
 
 fn bar(len: usize, what: &str) -> ProgressBar {
@@ -133,10 +143,6 @@ fn write(path: &Path, text: &str) -> Result<()> {
 
 /// Runs `hass-bench eval`.
 pub fn run_eval(args: EvalArgs) -> Result<()> {
-    let [total, depth, top_k] = args.tree[..] else {
-        bail!("--tree takes total_tokens,depth,top_k")
-    };
-    let mut tree = TreeParams::new(total, depth, top_k)?;
     let default_model = args.model.is_none();
     let path = match &args.model {
         Some(p) => p.clone(),
@@ -144,12 +150,13 @@ pub fn run_eval(args: EvalArgs) -> Result<()> {
     };
     let target = load_model::<DefaultBackend>(&path, &default_device(), args.dtype)
         .with_context(|| format!("loading {}", path.display()))?;
-    let heads: Vec<(String, DraftHead<DefaultBackend>)> = parse_heads(&args, default_model)?
-        .into_iter()
+    let head_dirs = parse_heads(&args, default_model)?;
+    let heads: Vec<(String, DraftHead<DefaultBackend>)> = head_dirs
+        .iter()
         .map(|(n, d)| {
-            let head = DraftHead::load(&d, &target.model)
+            let head = DraftHead::load(d, &target.model)
                 .with_context(|| format!("loading head `{n}` from {}", d.display()))?;
-            Ok((n, head))
+            Ok((n.clone(), head))
         })
         .collect::<Result<_>>()?;
     if heads.is_empty() {
@@ -180,6 +187,7 @@ pub fn run_eval(args: EvalArgs) -> Result<()> {
     );
 
     let mut sweep_report = None;
+    let mut spec = args.tree;
     if args.sweep {
         let subset: Vec<(String, Question)> = args
             .sets
@@ -206,22 +214,50 @@ pub fn run_eval(args: EvalArgs) -> Result<()> {
         let md = r.to_markdown();
         println!("{md}");
         write(&args.out.join("sweep.md"), &md)?;
-        tree = r.best();
+        let best = r.best();
         println!(
             "best tree on this machine: total_tokens {}, depth {}, top_k {}\n",
-            tree.total_tokens, tree.depth, tree.top_k
+            best.total_tokens, best.depth, best.top_k
         );
+        spec = TreeSpec::Fixed(best);
         sweep_report = Some(r);
         if args.sweep_only {
             return Ok(());
         }
     }
 
+    let mut trees = Vec::new();
+    for ((name, head), (_, dir)) in heads.iter().zip(&head_dirs) {
+        let (tree, auto) = spec.resolve(&target, head, dir, args.dtype)?;
+        if let Some(a) = &auto {
+            eprintln!(
+                "{name}: tree auto = total_tokens {}, depth {}, top_k {} (predicted τ {:.2}, \
+                 {:.1} vs vanilla {:.1} tokens/s; {} {})",
+                tree.total_tokens,
+                tree.depth,
+                tree.top_k,
+                a.choice.expected_tau,
+                a.choice.tokens_per_s,
+                a.vanilla_tokens_per_s,
+                if a.measured {
+                    "measured now, cached in"
+                } else {
+                    "from"
+                },
+                a.path.display()
+            );
+        }
+        trees.push(HeadTree {
+            head: name.clone(),
+            tree,
+            auto,
+        });
+    }
     let mut methods = vec![Method::vanilla()];
-    for (name, head) in &heads {
+    for ((name, head), t) in heads.iter().zip(&trees) {
         methods.push(Method {
             name: name.clone(),
-            head: Some((head, tree)),
+            head: Some((head, t.tree)),
         });
     }
     if let Some((set, q)) = questions.first() {
@@ -252,17 +288,29 @@ pub fn run_eval(args: EvalArgs) -> Result<()> {
     pb.finish();
     let sums = summaries(&results);
     let md = format!(
-        "{}\nModel `{}` ({} weights), backend {}, {} CPUs; tree total_tokens {}, depth {}, \
-         top_k {}; ≤ {} new tokens per turn; {} questions per temperature; wall time {:.0} s.\n",
+        "{}\nModel `{}` ({} weights), backend {}, {} CPUs; trees (total_tokens,depth,top_k) {}; \
+         ≤ {} new tokens per turn; {} questions per temperature; wall time {:.0} s.\n",
         to_markdown(&sums),
         path.file_name()
             .map_or(path.display().to_string(), |f| f.to_string_lossy().into()),
         dtype,
         backend_name(),
         cpus,
-        tree.total_tokens,
-        tree.depth,
-        tree.top_k,
+        trees
+            .iter()
+            .map(|t| format!(
+                "{} {},{},{}{}",
+                t.head,
+                t.tree.total_tokens,
+                t.tree.depth,
+                t.tree.top_k,
+                t.auto.as_ref().map_or(String::new(), |a| format!(
+                    " (auto, predicted τ {:.2})",
+                    a.choice.expected_tau
+                ))
+            ))
+            .collect::<Vec<_>>()
+            .join(", "),
         args.max_new_tokens,
         questions.len(),
         start.elapsed().as_secs_f64()
@@ -275,7 +323,7 @@ pub fn run_eval(args: EvalArgs) -> Result<()> {
         backend: backend_name(),
         cpus,
         args: &args,
-        tree,
+        trees: &trees,
         sweep: sweep_report.as_ref(),
         summaries: &sums,
         questions: &results,

@@ -90,6 +90,45 @@ pub fn argmax(values: &[f32]) -> u32 {
     best as u32
 }
 
+/// The `k` largest entries of `x`, descending (ties: lower index first), as (indices,
+/// values); fewer when `x` is shorter. One pass, insertion into a `k`-long list.
+pub fn top_k(x: &[f32], k: usize) -> (Vec<u32>, Vec<f32>) {
+    let k = k.min(x.len());
+    if k == 0 {
+        return (Vec::new(), Vec::new());
+    }
+    let mut ids = vec![0u32; k];
+    let mut vals = vec![f32::NEG_INFINITY; k];
+    let mut filled = 0;
+    for (i, &v) in x.iter().enumerate() {
+        if filled == k && !(v > vals[k - 1]) {
+            continue;
+        }
+        let mut j = filled.min(k - 1);
+        while j > 0 && v > vals[j - 1] {
+            vals[j] = vals[j - 1];
+            ids[j] = ids[j - 1];
+            j -= 1;
+        }
+        vals[j] = v;
+        ids[j] = i as u32;
+        filled = (filled + 1).min(k);
+    }
+    (ids, vals)
+}
+
+/// The `k` most likely tokens of `logits` and their log-probabilities
+/// (`log_softmax`), descending; what a draft tree grows from.
+pub fn top_k_log_probs(logits: &[f32], k: usize) -> (Vec<u32>, Vec<f32>) {
+    let (ids, vals) = top_k(logits, k);
+    let Some(&mx) = vals.first() else {
+        return (ids, vals);
+    };
+    let sum: f64 = logits.iter().map(|&x| ((x - mx) as f64).exp()).sum();
+    let lse = mx + sum.ln() as f32;
+    (ids, vals.into_iter().map(|v| v - lse).collect())
+}
+
 /// In-place softmax in f32 with max subtraction. If no entry is finite (all
 /// -inf, or an overflow to +inf), it degrades to a one-hot at [`argmax`].
 pub fn softmax_in_place(scores: &mut [f32]) {
@@ -408,6 +447,20 @@ mod tests {
             proc(0.0, 0, 1.0).probs(&[1.0, 3.0, 3.0]),
             vec![0.0, 1.0, 0.0]
         );
+    }
+
+    #[test]
+    fn top_k_orders_and_breaks_ties_by_index() {
+        let x = [0.5, 2.0, -1.0, 2.0, 0.5, f32::NEG_INFINITY];
+        assert_eq!(top_k(&x, 3), (vec![1, 3, 0], vec![2.0, 2.0, 0.5]));
+        assert_eq!(top_k(&x, 1).0, vec![1]);
+        assert_eq!(top_k(&x, 9).0, vec![1, 3, 0, 4, 2, 5]);
+        assert_eq!(top_k(&[], 2), (vec![], vec![]));
+        let (ids, lp) = top_k_log_probs(&[1.0, 3.0, 2.0], 2);
+        let lse = (1f64.exp() + 3f64.exp() + 2f64.exp()).ln();
+        assert_eq!(ids, vec![1, 2]);
+        assert!((lp[0] as f64 - (3.0 - lse)).abs() < 1e-6);
+        assert!((lp[1] as f64 - (2.0 - lse)).abs() < 1e-6);
     }
 
     #[test]

@@ -4,7 +4,6 @@
 //! right and so checks the tree, mask and cache bookkeeping end to end.
 
 use burn::prelude::*;
-use burn::tensor::activation::log_softmax;
 use hass_core::tree::{DraftTree, TreeBuilder, TreeParams};
 use hass_core::{HassError, Result};
 use hass_models::HassBackend;
@@ -39,23 +38,27 @@ pub(crate) fn host_f32<B: HassBackend, const D: usize>(t: Tensor<B, D>) -> Resul
         .map_err(|e| HassError::InvalidArgument(format!("reading a tensor: {e:?}")))
 }
 
-fn host_ids<B: HassBackend, const D: usize>(t: Tensor<B, D, Int>) -> Result<Vec<u32>> {
-    let v = t
-        .into_data()
-        .convert::<i64>()
-        .into_vec::<i64>()
-        .map_err(|e| HassError::InvalidArgument(format!("reading indices: {e:?}")))?;
-    Ok(v.into_iter().map(|x| x as u32).collect())
-}
-
 /// Top-`k` tokens and log-probabilities of each row of `logits` (`[rows, vocab]`),
-/// row-major `[rows · k]`.
+/// row-major `[rows · k]`. On the host: one pass per row, no sort of the vocabulary
+/// and no `[rows, vocab]` log-softmax tensor.
 pub fn top_k_log_probs<B: HassBackend>(
     logits: Tensor<B, 2>,
     k: usize,
 ) -> Result<(Vec<u32>, Vec<f32>)> {
-    let (values, idx) = log_softmax(logits, 1).topk_with_indices(k, 1);
-    Ok((host_ids(idx)?, host_f32(values)?))
+    let [rows, vocab] = logits.dims();
+    if k > vocab {
+        return Err(HassError::InvalidArgument(format!(
+            "top-{k} of a {vocab}-token distribution"
+        )));
+    }
+    let data = host_f32(logits)?;
+    let (mut ids, mut lps) = (Vec::with_capacity(rows * k), Vec::with_capacity(rows * k));
+    for row in data.chunks_exact(vocab.max(1)).take(rows) {
+        let (i, l) = hass_core::sampling::top_k_log_probs(row, k);
+        ids.extend(i);
+        lps.extend(l);
+    }
+    Ok((ids, lps))
 }
 
 /// The head's top-`k` next tokens (target ids) and draft log-probabilities for each

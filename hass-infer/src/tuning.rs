@@ -20,6 +20,7 @@
 //! and `hass-bench` measures what it really does.
 
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use hass_core::chat::ChatMessage;
@@ -529,6 +530,81 @@ pub fn cached_tuning<B: HassBackend>(
     Ok((t, path, true))
 }
 
+/// A tree as users give it: `auto` (chosen by [`cached_tuning`]) or
+/// `total_tokens,depth,top_k`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TreeSpec {
+    Auto,
+    Fixed(TreeParams),
+}
+
+impl FromStr for TreeSpec {
+    type Err = HassError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        if s.trim().eq_ignore_ascii_case("auto") {
+            return Ok(TreeSpec::Auto);
+        }
+        let parts: Vec<usize> = s
+            .split(',')
+            .map(|p| p.trim().parse::<usize>())
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|_| {
+                HassError::InvalidArgument(format!(
+                    "tree `{s}`: expected `auto` or total_tokens,depth,top_k"
+                ))
+            })?;
+        match parts[..] {
+            [t, d, k] => Ok(TreeSpec::Fixed(TreeParams::new(t, d, k)?)),
+            _ => Err(HassError::InvalidArgument(format!(
+                "tree `{s}`: expected `auto` or total_tokens,depth,top_k"
+            ))),
+        }
+    }
+}
+
+/// How [`TreeSpec::resolve`] chose an `auto` tree.
+#[derive(Debug, Clone, Serialize)]
+pub struct AutoTree {
+    pub choice: TreeChoice,
+    pub vanilla_tokens_per_s: f64,
+    /// The cached tuning file.
+    pub path: PathBuf,
+    /// Measured by this call (else read from the cache).
+    pub measured: bool,
+}
+
+impl TreeSpec {
+    /// The tree to decode with `head` (in `head_dir`): the fixed one, or the best of
+    /// the default grid by the tuning cached under `$HASS_CACHE/tuning/`.
+    pub fn resolve<B: HassBackend>(
+        &self,
+        loaded: &LoadedModel<B>,
+        head: &DraftHead<B>,
+        head_dir: &Path,
+        dtype: WeightDtype,
+    ) -> Result<(TreeParams, Option<AutoTree>)> {
+        match self {
+            TreeSpec::Fixed(p) => Ok((*p, None)),
+            TreeSpec::Auto => {
+                let dir = hass_models::assets::cache_dir().join("tuning");
+                let (t, path, measured) = cached_tuning(loaded, head, head_dir, dtype, &dir)?;
+                let choice = t.best(&TuneGrid::default())?;
+                Ok((
+                    choice.params,
+                    Some(AutoTree {
+                        choice,
+                        vanilla_tokens_per_s: t.vanilla_tokens_per_s(),
+                        path,
+                        measured,
+                    }),
+                ))
+            }
+        }
+    }
+}
+
 /// Adds to `stats` the head's ranks of the target's tokens `seq[start + 1..]`: for
 /// each root `seq[p]` (`p ≥ start`), level 1 from the head's row over true features,
 /// deeper levels feeding the head its own outputs with the true tokens, as drafting
@@ -605,6 +681,18 @@ mod tests {
         AcceptanceStats {
             counts: rates.iter().map(|r| r.to_vec()).collect(),
             totals: vec![100; rates.len()],
+        }
+    }
+
+    #[test]
+    fn tree_specs_parse() {
+        assert_eq!("auto".parse::<TreeSpec>().unwrap(), TreeSpec::Auto);
+        assert_eq!(
+            "4, 1,2".parse::<TreeSpec>().unwrap(),
+            TreeSpec::Fixed(TreeParams::new(4, 1, 2).unwrap())
+        );
+        for bad in ["", "1,2", "1,2,3,4", "a,b,c", "0,1,1"] {
+            assert!(bad.parse::<TreeSpec>().is_err(), "{bad}");
         }
     }
 

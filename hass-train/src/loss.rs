@@ -25,6 +25,7 @@
 
 use burn::prelude::*;
 use burn::tensor::activation::{log_softmax, softmax};
+use hass_core::sampling::top_k;
 use hass_models::HassBackend;
 
 /// Loss weights (defaults: HASS stage 1, `topk_w = 0`; stage 2 uses `topk_w = 1`).
@@ -178,25 +179,6 @@ fn argmax_row(x: &[f32]) -> (usize, f32) {
         }
     }
     best
-}
-
-/// The `k` largest entries of `x` (descending; ties keep the lower index first).
-fn top_k(x: &[f32], k: usize) -> (Vec<u32>, Vec<f32>) {
-    let mut ids = vec![0u32; k];
-    let mut vals = vec![f32::NEG_INFINITY; k];
-    for (i, &v) in x.iter().enumerate() {
-        if v > vals[k - 1] {
-            let mut j = k - 1;
-            while j > 0 && v > vals[j - 1] {
-                vals[j] = vals[j - 1];
-                ids[j] = ids[j - 1];
-                j -= 1;
-            }
-            vals[j] = v;
-            ids[j] = i as u32;
-        }
-    }
-    (ids, vals)
 }
 
 fn host_f32<B: HassBackend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {

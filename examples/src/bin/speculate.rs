@@ -10,6 +10,14 @@
 //! cargo run --release -p hass-examples --bin speculate -- --chat "Name three primary colors."
 //! cargo run --release -p hass-examples --bin speculate -- --draft heads/smollm2-eagle --tree 15,4,4
 //! ```
+//!
+//! The tree defaults to `auto`: the shape with the best predicted tokens/s from this
+//! machine's measured costs and the head's acceptance (`hass_infer::tuning`), measured
+//! once per target, head, dtype and machine (tens of seconds) and cached in
+//! `$HASS_CACHE/tuning/`.
+//!
+//! ```text
+//! ```
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -18,7 +26,7 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use hass_core::chat::ChatMessage;
 use hass_core::sampling::SamplingParams;
-use hass_core::tree::TreeParams;
+use hass_infer::tuning::TreeSpec;
 use hass_infer::{GenerationConfig, SpeculativeGenerator, VanillaGenerator};
 use hass_models::assets::{ensure, Asset};
 use hass_models::{default_device, load_model, DefaultBackend, DraftHead, WeightDtype};
@@ -36,11 +44,11 @@ struct Args {
     /// A user message (rendered with the chat template).
     #[arg(long, default_value = "Give me three tips for staying healthy.")]
     chat: String,
-    /// Tree: total_tokens,depth,top_k (total excludes the root). The default is the
-    /// fastest shape `hass-bench eval --sweep` found for the committed heads on a
-    /// 2-core CPU; stronger heads and GPUs want bigger trees (EAGLE-2: 59,5,10).
-    #[arg(long, value_delimiter = ',', default_value = "1,1,2")]
-    tree: Vec<usize>,
+    /// Tree: `auto` (tuned for this machine and head, cached) or
+    /// total_tokens,depth,top_k (total excludes the root; EAGLE-2's GPU default is
+    /// 59,5,10).
+    #[arg(long, default_value = "auto")]
+    tree: TreeSpec,
     /// Oracle chain depth.
     #[arg(long, default_value_t = 4)]
     oracle_depth: usize,
@@ -57,10 +65,6 @@ struct Args {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let [total, depth, top_k] = args.tree[..] else {
-        bail!("--tree takes total_tokens,depth,top_k")
-    };
-    let tree = TreeParams::new(total, depth, top_k)?;
     let sampling = SamplingParams::new(args.temperature, 0, 1.0, args.seed)?;
     let default_model = args.model.is_none();
     let path = match args.model {
@@ -96,14 +100,35 @@ fn main() -> Result<()> {
             eprintln!("drafter: oracle (the target drafts for itself; a correctness check, slower than vanilla)");
             builder.oracle(args.oracle_depth).build()?
         }
-        "random" => {
-            head = DraftHead::random(m, args.seed)?;
-            eprintln!("drafter: random head (untrained: expect τ ≈ 1)");
-            builder.head(&head).tree(tree).build()?
-        }
-        dir => {
-            head = DraftHead::load(dir, m)?;
-            eprintln!("drafter: {dir}");
+        name => {
+            head = if name == "random" {
+                eprintln!("drafter: random head (untrained: expect τ ≈ 1)");
+                DraftHead::random(m, args.seed)?
+            } else {
+                eprintln!("drafter: {name}");
+                DraftHead::load(name, m)?
+            };
+            let (tree, auto) =
+                args.tree
+                    .resolve(&loaded, &head, std::path::Path::new(name), args.dtype)?;
+            if let Some(a) = &auto {
+                eprintln!(
+                    "tree auto: total_tokens {}, depth {}, top_k {} (predicted τ {:.2}, {:.1} vs \
+                     vanilla {:.1} tokens/s; {} {})",
+                    tree.total_tokens,
+                    tree.depth,
+                    tree.top_k,
+                    a.choice.expected_tau,
+                    a.choice.tokens_per_s,
+                    a.vanilla_tokens_per_s,
+                    if a.measured {
+                        "measured now, cached in"
+                    } else {
+                        "from"
+                    },
+                    a.path.display()
+                );
+            }
             builder.head(&head).tree(tree).build()?
         }
     };
