@@ -230,22 +230,7 @@ pub fn run_eval(args: EvalArgs) -> Result<()> {
     for ((name, head), (_, dir)) in heads.iter().zip(&head_dirs) {
         let (tree, auto) = spec.resolve(&target, head, dir, args.dtype)?;
         if let Some(a) = &auto {
-            eprintln!(
-                "{name}: tree auto = total_tokens {}, depth {}, top_k {} (predicted τ {:.2}, \
-                 {:.1} vs vanilla {:.1} tokens/s; {} {})",
-                tree.total_tokens,
-                tree.depth,
-                tree.top_k,
-                a.choice.expected_tau,
-                a.choice.tokens_per_s,
-                a.vanilla_tokens_per_s,
-                if a.measured {
-                    "measured now, cached in"
-                } else {
-                    "from"
-                },
-                a.path.display()
-            );
+            eprintln!("{name}: {a}");
         }
         trees.push(HeadTree {
             head: name.clone(),

@@ -1,11 +1,11 @@
 //! The `speed` benchmark of one target model.
 
 use hass_models::HassBackend;
-use std::time::{Duration, Instant};
 
 use hass_core::Result;
+use hass_infer::tuning::verify_curve;
 use hass_infer::{GenerationConfig, VanillaGenerator};
-use hass_models::{Llama, LogitRows};
+use hass_models::Llama;
 use serde::Serialize;
 
 use crate::machine::{copy_bandwidth, peak_rss_bytes};
@@ -62,11 +62,6 @@ fn synthetic_tokens(n: usize, vocab: usize) -> Vec<u32> {
     (0..n).map(|i| ((i * 7919 + 13) % vocab) as u32).collect()
 }
 
-fn median(mut xs: Vec<Duration>) -> Duration {
-    xs.sort();
-    xs[xs.len() / 2]
-}
-
 /// Runs the benchmark on a loaded model (`load_s` is measured by the caller).
 pub fn run_speed<B: HassBackend>(
     model: &Llama<B>,
@@ -94,33 +89,16 @@ pub fn run_speed<B: HassBackend>(
     )?;
     let out = gen.generate(&prompt, &cfg, |_| true)?;
 
-    let max_m = opts.verify_sizes.iter().copied().max().unwrap_or(1);
-    let mut cache = model.new_cache(opts.prompt_tokens + max_m);
-    let positions: Vec<usize> = (0..prompt.len()).collect();
-    model.forward(&prompt, &positions, &mut cache, None, LogitRows::None)?;
-    let mut verify = Vec::new();
-    let mut one_ms = None;
-    for &m in &opts.verify_sizes {
-        let tokens = synthetic_tokens(m, vocab);
-        let pos: Vec<usize> = (opts.prompt_tokens..opts.prompt_tokens + m).collect();
-        let mut times = Vec::new();
-        for _ in 0..opts.repeats + 1 {
-            let t = Instant::now();
-            let o = model.forward(&tokens, &pos, &mut cache, None, LogitRows::All)?;
-            // Force the result (all backends compute lazily or asynchronously).
-            let _ = o.logits.expect("requested").into_data();
-            times.push(t.elapsed());
-            cache.truncate(opts.prompt_tokens);
-        }
-        times.remove(0); // warm-up
-        let ms = median(times).as_secs_f64() * 1e3;
-        let base = *one_ms.get_or_insert(ms);
-        verify.push(VerifyPoint {
+    let curve = verify_curve(model, &prompt, &opts.verify_sizes, opts.repeats)?;
+    let base = curve.first().map_or(1.0, |p| p.1);
+    let verify = curve
+        .into_iter()
+        .map(|(m, ms)| VerifyPoint {
             new_tokens: m,
             median_ms: ms,
             ratio_to_one: ms / base,
-        });
-    }
+        })
+        .collect();
 
     let bw = copy_bandwidth();
     let bytes = model.weight_bytes_per_token() as f64;

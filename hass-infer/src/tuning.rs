@@ -318,6 +318,40 @@ fn median_ms(mut f: impl FnMut() -> Result<()>, repeats: usize) -> Result<f64> {
     Ok(times[times.len() / 2].as_secs_f64() * 1e3)
 }
 
+/// The verify-cost curve: median milliseconds of a target forward of `m` new tokens
+/// (logits of every row) on a cache holding `context`, for each `m` of `sizes`.
+pub fn verify_curve<B: HassBackend>(
+    target: &Llama<B>,
+    context: &[u32],
+    sizes: &[usize],
+    repeats: usize,
+) -> Result<Vec<(usize, f64)>> {
+    let n = context.len();
+    let max_m = sizes.iter().copied().max().unwrap_or(1);
+    let mut cache = target.new_cache(n + max_m);
+    let positions: Vec<usize> = (0..n).collect();
+    target.forward(context, &positions, &mut cache, None, LogitRows::None)?;
+    let vocab = target.config().vocab_size;
+    let mut curve = Vec::new();
+    for &m in sizes {
+        // Token ids do not change the cost: spread them over the vocabulary.
+        let tokens: Vec<u32> = (0..m).map(|i| ((i * 7919 + 13) % vocab) as u32).collect();
+        let pos: Vec<usize> = (n..n + m).collect();
+        let ms = median_ms(
+            || {
+                let o = target.forward(&tokens, &pos, &mut cache, None, LogitRows::All)?;
+                // Force the result (backends compute lazily or asynchronously).
+                let _ = o.logits.expect("requested").into_data();
+                cache.truncate(n);
+                Ok(())
+            },
+            repeats,
+        )?;
+        curve.push((m, ms));
+    }
+    Ok(curve)
+}
+
 /// Measures a [`Tuning`] for `target` with `head` on this machine (tens of seconds
 /// for SmolLM2 on 2 CPU cores; cache the result).
 pub fn measure<B: HassBackend>(
@@ -379,28 +413,17 @@ pub fn measure<B: HassBackend>(
     // Verify curve and draft steps on the first calibration sequence as context.
     let seq = &sequences[0].1;
     let n = seq.len();
-    let max_m = *opts.verify_sizes.last().expect("non-empty");
-    let mut cache = target.new_cache(n + max_m);
+    let verify_ms = verify_curve(target, seq, &opts.verify_sizes, opts.repeats)?;
     let positions: Vec<usize> = (0..n).collect();
     let features = target
-        .forward(seq, &positions, &mut cache, None, LogitRows::None)?
+        .forward(
+            seq,
+            &positions,
+            &mut target.new_cache(n),
+            None,
+            LogitRows::None,
+        )?
         .features;
-    let vocab = target.config().vocab_size;
-    let mut verify_ms = Vec::new();
-    for &m in &opts.verify_sizes {
-        let tokens: Vec<u32> = (0..m).map(|i| ((i * 7919 + 13) % vocab) as u32).collect();
-        let pos: Vec<usize> = (n..n + m).collect();
-        let ms = median_ms(
-            || {
-                let o = target.forward(&tokens, &pos, &mut cache, None, LogitRows::All)?;
-                let _ = o.logits.expect("requested").into_data();
-                cache.truncate(n);
-                Ok(())
-            },
-            opts.repeats,
-        )?;
-        verify_ms.push((m, ms));
-    }
     let mut dcache = head.new_cache(n + 2 * opts.max_k);
     let out = head.forward(
         target,
@@ -573,6 +596,30 @@ pub struct AutoTree {
     pub path: PathBuf,
     /// Measured by this call (else read from the cache).
     pub measured: bool,
+}
+
+impl std::fmt::Display for AutoTree {
+    /// One line for the logs: the tree, its prediction, the cache file.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let p = &self.choice.params;
+        write!(
+            f,
+            "tree auto = total_tokens {}, depth {}, top_k {} (predicted τ {:.2}, {:.1} vs vanilla \
+             {:.1} tokens/s; {} {})",
+            p.total_tokens,
+            p.depth,
+            p.top_k,
+            self.choice.expected_tau,
+            self.choice.tokens_per_s,
+            self.vanilla_tokens_per_s,
+            if self.measured {
+                "measured now, cached in"
+            } else {
+                "from"
+            },
+            self.path.display()
+        )
+    }
 }
 
 impl TreeSpec {

@@ -67,6 +67,9 @@ impl WeightSource for StripPrefix<'_> {
     fn read_f32(&self, name: &str) -> Result<Vec<f32>> {
         self.inner.read_f32(&format!("{}{name}", self.prefix))
     }
+    fn read_ids(&self, name: &str) -> Result<Vec<i64>> {
+        self.inner.read_ids(&format!("{}{name}", self.prefix))
+    }
 }
 
 /// How [`DraftHead::save_as`] writes a head.

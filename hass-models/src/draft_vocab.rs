@@ -116,20 +116,14 @@ pub fn read_vocab(
     };
     let lm_head = ld.read("lm_head.weight", &[n, hidden])?;
     let ids: Vec<u32> = if src.shape("d2t").is_some() {
-        let offsets = ld.read("d2t", &[n])?;
+        let offsets = ld.read_ids("d2t", &[n])?;
         offsets
             .iter()
             .enumerate()
             .map(|(i, &o)| {
-                let id = i as f64 + o as f64;
-                if o.fract() != 0.0 || id < 0.0 {
-                    Err(HassError::config(
-                        &ctx,
-                        format!("d2t[{i}] = {o} is not a valid id offset"),
-                    ))
-                } else {
-                    Ok(id as u32)
-                }
+                u32::try_from(i as i64 + o).map_err(|_| {
+                    HassError::config(&ctx, format!("d2t[{i}] = {o} is not a valid id offset"))
+                })
             })
             .collect::<Result<_>>()?
     } else if n == target_vocab {
@@ -142,12 +136,12 @@ pub fn read_vocab(
     };
     check_ids(&ids, target_vocab, &ctx)?;
     if src.shape("t2d").is_some() {
-        let member = ld.read("t2d", &[target_vocab])?;
+        let member = ld.read_ids("t2d", &[target_vocab])?;
         let mut expect = vec![false; target_vocab];
         for &i in &ids {
             expect[i as usize] = true;
         }
-        if let Some(v) = (0..target_vocab).find(|&v| (member[v] != 0.0) != expect[v]) {
+        if let Some(v) = (0..target_vocab).find(|&v| (member[v] != 0) != expect[v]) {
             return Err(HassError::config(
                 &ctx,
                 format!("t2d[{v}] disagrees with d2t"),

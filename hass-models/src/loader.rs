@@ -63,6 +63,37 @@ impl<'a> Loader<'a> {
         Ok(data)
     }
 
+    /// Reads integer / bool tensor `name` as ids, checking presence and shape.
+    pub fn read_ids(&self, name: &str, shape: &[usize]) -> Result<Vec<i64>> {
+        let found = self
+            .source
+            .shape(name)
+            .ok_or_else(|| HassError::MissingTensor {
+                file: self.source.describe(),
+                name: name.to_string(),
+            })?;
+        if found != shape {
+            return Err(HassError::ShapeMismatch {
+                file: self.source.describe(),
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                found,
+            });
+        }
+        let data = self.source.read_ids(name)?;
+        if data.len() != shape.iter().product::<usize>() {
+            return Err(HassError::malformed(
+                self.source.describe(),
+                format!(
+                    "tensor `{name}` holds {} values for shape {shape:?}",
+                    data.len()
+                ),
+            ));
+        }
+        self.skip(name);
+        Ok(data)
+    }
+
     /// A 1-D f32 tensor (norm weights and biases stay f32).
     pub fn vector<B: Backend>(
         &self,

@@ -144,17 +144,6 @@ impl WeightSource for SafetensorsDir {
                 .chunks_exact(2)
                 .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
                 .collect(),
-            // Integer and bool tensors (a draft vocabulary's `d2t` / `t2d`): ids are
-            // exact in f32 below 2^24.
-            Dtype::I64 => bytes
-                .chunks_exact(8)
-                .map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")) as f32)
-                .collect(),
-            Dtype::I32 => bytes
-                .chunks_exact(4)
-                .map(|b| i32::from_le_bytes(b.try_into().expect("4 bytes")) as f32)
-                .collect(),
-            Dtype::BOOL | Dtype::U8 => bytes.iter().map(|&b| b as f32).collect(),
             other => {
                 return Err(HassError::UnsupportedDType {
                     file: path.display().to_string(),
@@ -164,5 +153,23 @@ impl WeightSource for SafetensorsDir {
             }
         };
         Ok(out)
+    }
+
+    fn read_ids(&self, name: &str) -> Result<Vec<i64>> {
+        let e = self.entry(name)?;
+        let (_, mmap, data_start) = &self.files[e.file];
+        let bytes = &mmap[data_start + e.start..data_start + e.end];
+        Ok(match e.dtype {
+            Dtype::I64 => bytes
+                .chunks_exact(8)
+                .map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")))
+                .collect(),
+            Dtype::I32 => bytes
+                .chunks_exact(4)
+                .map(|b| i32::from_le_bytes(b.try_into().expect("4 bytes")) as i64)
+                .collect(),
+            Dtype::BOOL | Dtype::U8 => bytes.iter().map(|&b| b as i64).collect(),
+            _ => return crate::weights::float_ids(self, name),
+        })
     }
 }

@@ -2,7 +2,7 @@
 //! a HF safetensors directory or a GGUF file. Names and shapes are always in the
 //! Hugging Face convention (`model.layers.0.self_attn.q_proj.weight`, `[out, in]`).
 
-use hass_core::Result;
+use hass_core::{HassError, Result};
 
 /// A read-only store of named tensors in the Hugging Face naming and layout.
 pub trait WeightSource {
@@ -14,6 +14,29 @@ pub trait WeightSource {
     fn shape(&self, name: &str) -> Option<Vec<usize>>;
     /// The values of `name` as row-major f32 (dequantised or widened as needed).
     fn read_f32(&self, name: &str) -> Result<Vec<f32>>;
+    /// The values of an integer or bool tensor (index maps such as a draft
+    /// vocabulary's `d2t`). The default reads float values and requires them integral.
+    fn read_ids(&self, name: &str) -> Result<Vec<i64>> {
+        float_ids(self, name)
+    }
+}
+
+/// `name`'s float values as ids, each required integral (and exact in f32).
+pub(crate) fn float_ids<S: WeightSource + ?Sized>(source: &S, name: &str) -> Result<Vec<i64>> {
+    source
+        .read_f32(name)?
+        .into_iter()
+        .map(|v| {
+            if v.fract() == 0.0 && v.abs() < (1u32 << 24) as f32 {
+                Ok(v as i64)
+            } else {
+                Err(HassError::malformed(
+                    source.describe(),
+                    format!("tensor `{name}` holds {v}, not an integer id"),
+                ))
+            }
+        })
+        .collect()
 }
 
 /// Tensors held in memory (random initialisation, conversions, tests).

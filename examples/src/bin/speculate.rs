@@ -112,22 +112,7 @@ fn main() -> Result<()> {
                 args.tree
                     .resolve(&loaded, &head, std::path::Path::new(name), args.dtype)?;
             if let Some(a) = &auto {
-                eprintln!(
-                    "tree auto: total_tokens {}, depth {}, top_k {} (predicted τ {:.2}, {:.1} vs \
-                     vanilla {:.1} tokens/s; {} {})",
-                    tree.total_tokens,
-                    tree.depth,
-                    tree.top_k,
-                    a.choice.expected_tau,
-                    a.choice.tokens_per_s,
-                    a.vanilla_tokens_per_s,
-                    if a.measured {
-                        "measured now, cached in"
-                    } else {
-                        "from"
-                    },
-                    a.path.display()
-                );
+                eprintln!("{a}");
             }
             builder.head(&head).tree(tree).build()?
         }
