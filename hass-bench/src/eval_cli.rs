@@ -22,7 +22,11 @@ use crate::report::{summaries, to_markdown, Summary};
 use crate::sweep::{grid, sweep, SweepReport};
 
 /// The committed SmolLM2 heads, used when the default model runs without `--head`.
-const DEFAULT_HEADS: [(&str, &str); 2] = [("eagle", "smollm2-eagle"), ("hass", "smollm2-hass")];
+const DEFAULT_HEADS: [(&str, &str); 3] = [
+    ("eagle", "smollm2-eagle"),
+    ("hass", "smollm2-hass"),
+    ("hass-v8k", "smollm2-hass-v8k"),
+];
 
 #[derive(Args, Debug, Clone, Serialize)]
 pub struct EvalArgs {
@@ -30,7 +34,8 @@ pub struct EvalArgs {
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// Draft head as NAME=DIR (repeatable) [default for SmolLM2: the committed
-    /// eagle=heads/smollm2-eagle and hass=heads/smollm2-hass]
+    /// eagle=heads/smollm2-eagle, hass=heads/smollm2-hass and
+    /// hass-v8k=heads/smollm2-hass-v8k]
     #[arg(long = "head")]
     pub heads: Vec<String>,
     /// Storage dtype of the target's weight matrices (f16: half the bytes per step;
