@@ -34,37 +34,21 @@ impl<'a> Loader<'a> {
 
     /// Reads `name` as f32, checking presence and shape.
     pub fn read(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
-        let found = self
-            .source
-            .shape(name)
-            .ok_or_else(|| HassError::MissingTensor {
-                file: self.source.describe(),
-                name: name.to_string(),
-            })?;
-        if found != shape {
-            return Err(HassError::ShapeMismatch {
-                file: self.source.describe(),
-                name: name.to_string(),
-                expected: shape.to_vec(),
-                found,
-            });
-        }
-        let data = self.source.read_f32(name)?;
-        if data.len() != shape.iter().product::<usize>() {
-            return Err(HassError::malformed(
-                self.source.describe(),
-                format!(
-                    "tensor `{name}` holds {} values for shape {shape:?}",
-                    data.len()
-                ),
-            ));
-        }
-        self.skip(name);
-        Ok(data)
+        self.checked(name, shape, |n| self.source.read_f32(n))
     }
 
     /// Reads integer / bool tensor `name` as ids, checking presence and shape.
     pub fn read_ids(&self, name: &str, shape: &[usize]) -> Result<Vec<i64>> {
+        self.checked(name, shape, |n| self.source.read_ids(n))
+    }
+
+    /// `read(name)` after checking presence and shape, then its length; marks it used.
+    fn checked<T>(
+        &self,
+        name: &str,
+        shape: &[usize],
+        read: impl FnOnce(&str) -> Result<Vec<T>>,
+    ) -> Result<Vec<T>> {
         let found = self
             .source
             .shape(name)
@@ -80,7 +64,7 @@ impl<'a> Loader<'a> {
                 found,
             });
         }
-        let data = self.source.read_ids(name)?;
+        let data = read(name)?;
         if data.len() != shape.iter().product::<usize>() {
             return Err(HassError::malformed(
                 self.source.describe(),
