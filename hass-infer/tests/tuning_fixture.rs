@@ -119,3 +119,34 @@ fn bad_tuning_options_are_errors() {
         assert!(measure(&m, &head, &bad).is_err(), "{bad:?}");
     }
 }
+
+/// `cached_tuning` measures once, then reads the cache; a damaged cache file is
+/// measured again and rewritten.
+#[test]
+fn tunings_are_cached_per_target_and_head() {
+    use hass_infer::tuning::cached_tuning;
+    use hass_models::{load_model, WeightDtype};
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/models/llama3");
+    let loaded = load_model::<B>(&dir, &Default::default(), WeightDtype::F32).unwrap();
+    let head = DraftHead::random(&loaded.model, 3).unwrap();
+    let heads = tempfile::tempdir().unwrap();
+    head.save(heads.path(), &loaded.model).unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let (first, path, measured) =
+        cached_tuning(&loaded, &head, heads.path(), WeightDtype::F32, cache.path()).unwrap();
+    assert!(measured && path.is_file() && path.starts_with(cache.path()));
+    let (again, path2, measured2) =
+        cached_tuning(&loaded, &head, heads.path(), WeightDtype::F32, cache.path()).unwrap();
+    assert!(!measured2);
+    assert_eq!((again, &path2), (first.clone(), &path));
+    // Another dtype is another key.
+    let (_, other, _) =
+        cached_tuning(&loaded, &head, heads.path(), WeightDtype::F16, cache.path()).unwrap();
+    assert_ne!(other, path);
+    std::fs::write(&path, "not json").unwrap();
+    let (_, _, remeasured) =
+        cached_tuning(&loaded, &head, heads.path(), WeightDtype::F32, cache.path()).unwrap();
+    assert!(remeasured);
+    assert!(hass_infer::tuning::Tuning::load(&path).is_ok());
+}
