@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use burn::prelude::*;
 use hass_core::acceptance::{greedy_accept, sample_accept};
 use hass_core::sampling::{argmax, Sampler};
-use hass_core::tree::{DraftTree, TreeParams};
+use hass_core::tree::TreeParams;
 use hass_core::{HassError, Result};
 use hass_models::{DraftHead, Llama, LogitRows};
 
@@ -150,10 +150,17 @@ impl<'a, B: HassBackend> SpeculativeGenerator<'a, B> {
             Drafter::Custom(_) => CUSTOM_TREE_ROOM,
         };
         let capacity = context.min(prompt.len() + limit + room);
-        let mut proposer: Box<dyn Proposer<B> + '_> = match &mut self.drafter {
-            Drafter::Head(head, params) => Box::new(EagleProposer::new(target, head, *params)?),
-            Drafter::Oracle(depth) => Box::new(OracleProposer::new(target, *depth)?),
-            Drafter::Custom(p) => Box::new(ProposerRef(p.as_mut())),
+        let (mut eagle, mut oracle);
+        let proposer: &mut dyn Proposer<B> = match &mut self.drafter {
+            Drafter::Head(head, params) => {
+                eagle = EagleProposer::new(target, head, *params)?;
+                &mut eagle
+            }
+            Drafter::Oracle(depth) => {
+                oracle = OracleProposer::new(target, *depth)?;
+                &mut oracle
+            }
+            Drafter::Custom(p) => p.as_mut(),
         };
         let mut spec = SpeculativeStats::default();
         let mut cache = target.new_cache(capacity);
@@ -252,26 +259,5 @@ impl<'a, B: HassBackend> SpeculativeGenerator<'a, B> {
             stop_reason: stop_reason.expect("loop ends with a reason"),
             stats,
         })
-    }
-}
-
-/// Lends a boxed proposer to one request.
-struct ProposerRef<'p, B: HassBackend>(&'p mut dyn Proposer<B>);
-
-impl<B: HassBackend> Proposer<B> for ProposerRef<'_, B> {
-    fn start(
-        &mut self,
-        prompt: &[u32],
-        features: Tensor<B, 2>,
-        root: u32,
-        capacity: usize,
-    ) -> Result<()> {
-        self.0.start(prompt, features, root, capacity)
-    }
-    fn propose(&mut self, root: u32, max_nodes: usize) -> Result<DraftTree> {
-        self.0.propose(root, max_nodes)
-    }
-    fn commit(&mut self, committed: &[u32], features: Tensor<B, 2>, next_root: u32) -> Result<()> {
-        self.0.commit(committed, features, next_root)
     }
 }
