@@ -23,6 +23,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
+use burn::tensor::Tensor;
 use hass_core::chat::ChatMessage;
 use hass_core::tree::{TreeBuilder, TreeParams};
 use hass_core::{HassError, Result};
@@ -406,8 +407,28 @@ pub fn measure<B: HassBackend>(
         sequences.push((prompt.len(), seq));
     }
     let mut acceptance = AcceptanceStats::new(opts.levels, opts.max_k);
+    let mut first_features = None;
     for (start, seq) in &sequences {
-        rank_continuations(target, head, seq, *start, opts.max_k, &mut acceptance)?;
+        let positions: Vec<usize> = (0..seq.len()).collect();
+        let features = target
+            .forward(
+                seq,
+                &positions,
+                &mut target.new_cache(seq.len()),
+                None,
+                LogitRows::None,
+            )?
+            .features;
+        rank_continuations(
+            target,
+            head,
+            seq,
+            features.clone(),
+            *start,
+            opts.max_k,
+            &mut acceptance,
+        )?;
+        first_features.get_or_insert(features);
     }
 
     // Verify curve and draft steps on the first calibration sequence as context.
@@ -415,15 +436,7 @@ pub fn measure<B: HassBackend>(
     let n = seq.len();
     let verify_ms = verify_curve(target, seq, &opts.verify_sizes, opts.repeats)?;
     let positions: Vec<usize> = (0..n).collect();
-    let features = target
-        .forward(
-            seq,
-            &positions,
-            &mut target.new_cache(n),
-            None,
-            LogitRows::None,
-        )?
-        .features;
+    let features = first_features.expect("at least one prompt");
     let mut dcache = head.new_cache(n + 2 * opts.max_k);
     let out = head.forward(
         target,
@@ -652,14 +665,16 @@ impl TreeSpec {
     }
 }
 
-/// Adds to `stats` the head's ranks of the target's tokens `seq[start + 1..]`: for
-/// each root `seq[p]` (`p ≥ start`), level 1 from the head's row over true features,
+/// Adds to `stats` the head's ranks of the target's tokens `seq[start + 1..]`, given
+/// the target's `features` of `seq`: for each root `seq[p]` (`p ≥ start`), level 1
+/// from the head's row over true features,
 /// deeper levels feeding the head its own outputs with the true tokens, as drafting
 /// an accepted path does.
 fn rank_continuations<B: HassBackend>(
     target: &Llama<B>,
     head: &DraftHead<B>,
     seq: &[u32],
+    features: Tensor<B, 2>,
     start: usize,
     max_k: usize,
     stats: &mut AcceptanceStats,
@@ -670,11 +685,7 @@ fn rank_continuations<B: HassBackend>(
     }
     let h = target.config().hidden_size;
     let levels = stats.levels();
-    let mut tcache = target.new_cache(n);
     let positions: Vec<usize> = (0..n).collect();
-    let features = target
-        .forward(seq, &positions, &mut tcache, None, LogitRows::None)?
-        .features;
     let feature = |t: usize| features.clone().slice([t..t + 1, 0..h]);
     let mut cache = head.new_cache(n + levels);
     // Stable rows 0..start: row t pairs f_t with x_{t+1}.
