@@ -16,7 +16,7 @@ use hass_core::{HassError, Result};
 use crate::backend::HassBackend;
 use crate::layer::mm;
 use crate::llama::Llama;
-use crate::loader::Loader;
+use crate::loader::{unfuse, Loader};
 use crate::weights::MemoryWeights;
 
 /// The draft's own output vocabulary.
@@ -151,31 +151,31 @@ pub fn read_vocab(
     Ok(Some((lm_head, ids)))
 }
 
+/// Rows `ids` of the target's LM head, `[ids.len(), H]` in the target's dtype: where a
+/// reduced vocabulary's own head starts, and what training scores the target over.
+pub fn target_rows<B: HassBackend>(target: &Llama<B>, ids: &[u32]) -> Result<Tensor<B, 2>> {
+    check_ids(ids, target.config().vocab_size, "draft vocabulary")?;
+    let idx = Tensor::<B, 1, Int>::from_data(
+        TensorData::new(ids.iter().map(|&i| i as i64).collect(), [ids.len()]),
+        target.device(),
+    );
+    Ok(target.lm_head().clone().select(0, idx))
+}
+
 impl<B: HassBackend> DraftVocab<B> {
-    /// From an `[N, H]` row-major projection and the `N` target ids it scores.
-    pub fn new(
-        lm_head: Vec<f32>,
-        ids: Vec<u32>,
-        hidden: usize,
-        target_vocab: usize,
-        device: &B::Device,
-    ) -> Result<Self> {
+    /// From an `[N, H]` projection (kept in f32) and the `N` target ids it scores.
+    pub fn new(lm_head: Tensor<B, 2>, ids: Vec<u32>, target_vocab: usize) -> Result<Self> {
         check_ids(&ids, target_vocab, "draft vocabulary")?;
-        let n = ids.len();
-        if lm_head.len() != n * hidden {
+        let [n, _] = lm_head.dims();
+        if n != ids.len() {
             return Err(HassError::InvalidArgument(format!(
-                "draft LM head holds {} values for [{n}, {hidden}]",
-                lm_head.len()
+                "draft LM head has {n} rows for {} ids",
+                ids.len()
             )));
         }
-        let mut t = vec![0f32; n * hidden];
-        for r in 0..n {
-            for c in 0..hidden {
-                t[c * n + r] = lm_head[r * hidden + c];
-            }
-        }
+        let device = lm_head.device();
         Ok(DraftVocab {
-            lm_head_t: Tensor::from_data(TensorData::new(t, [hidden, n]), device),
+            lm_head_t: Tensor::from_data(lm_head.transpose().into_data().convert::<f32>(), &device),
             ids,
             target_vocab,
         })
@@ -183,21 +183,7 @@ impl<B: HassBackend> DraftVocab<B> {
 
     /// `ids`' rows of the target's LM head: where training starts from.
     pub fn from_target(target: &Llama<B>, ids: Vec<u32>) -> Result<Self> {
-        let c = target.config();
-        check_ids(&ids, c.vocab_size, "draft vocabulary")?;
-        let idx = Tensor::<B, 1, Int>::from_data(
-            TensorData::new(ids.iter().map(|&i| i as i64).collect(), [ids.len()]),
-            target.device(),
-        );
-        let rows: Vec<f32> = target
-            .lm_head()
-            .clone()
-            .select(0, idx)
-            .into_data()
-            .convert::<f32>()
-            .into_vec()
-            .map_err(|e| HassError::InvalidArgument(format!("reading the LM head: {e:?}")))?;
-        Self::new(rows, ids, c.hidden_size, c.vocab_size, target.device())
+        Self::new(target_rows(target, &ids)?, ids, target.config().vocab_size)
     }
 
     /// The vocabulary stored in `ld`'s source, if any ([`read_vocab`]).
@@ -208,7 +194,10 @@ impl<B: HassBackend> DraftVocab<B> {
         device: &B::Device,
     ) -> Result<Option<Self>> {
         read_vocab(ld, hidden, target_vocab)?
-            .map(|(lm_head, ids)| Self::new(lm_head, ids, hidden, target_vocab, device))
+            .map(|(lm_head, ids)| {
+                let rows = Tensor::from_data(TensorData::new(lm_head, [ids.len(), hidden]), device);
+                Self::new(rows, ids, target_vocab)
+            })
             .transpose()
     }
 
@@ -229,21 +218,7 @@ impl<B: HassBackend> DraftVocab<B> {
 
     /// The `[N, H]` projection, row-major.
     pub fn lm_head(&self) -> Vec<f32> {
-        let [h, n] = self.lm_head_t.dims();
-        let t: Vec<f32> = self
-            .lm_head_t
-            .clone()
-            .into_data()
-            .convert::<f32>()
-            .into_vec()
-            .expect("f32 data");
-        let mut out = vec![0f32; n * h];
-        for c in 0..h {
-            for r in 0..n {
-                out[r * h + c] = t[c * n + r];
-            }
-        }
-        out
+        unfuse(&self.lm_head_t, &[self.size()]).remove(0)
     }
 
     /// Adds `lm_head.weight`, `d2t` (offsets) and `t2d` (0/1) to `w`; the writer

@@ -263,11 +263,16 @@ impl<B: HassBackend> TrainDraft<B> {
         })
     }
 
-    /// The head with its own reduced vocabulary: `lm_head` `[ids.len(), H]` row-major
-    /// scores target tokens `ids` (ascending), e.g. the target's rows for them.
-    pub fn with_vocab(mut self, lm_head: Vec<f32>, ids: Vec<u32>, device: &B::Device) -> Self {
-        assert_eq!(lm_head.len(), ids.len() * self.hidden, "draft LM head size");
-        self.lm_head = Some(param2(lm_head, [ids.len(), self.hidden], device));
+    /// The head with its own reduced vocabulary: `lm_head` `[ids.len(), H]` scores
+    /// target tokens `ids` (ascending), e.g. the target's rows for them
+    /// (`hass_models::draft_vocab::target_rows`).
+    pub fn with_vocab(mut self, lm_head: Tensor<B, 2>, ids: Vec<u32>) -> Self {
+        assert_eq!(
+            lm_head.dims(),
+            [ids.len(), self.hidden],
+            "draft LM head shape"
+        );
+        self.lm_head = Some(Param::from_tensor(lm_head));
         self.vocab_ids = ids;
         self
     }

@@ -22,8 +22,8 @@ use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::DType;
 use hass_core::{HassError, Result};
-use hass_models::draft_vocab::most_frequent;
-use hass_models::{DraftHead, DraftVocab, KvCache, Llama, SafetensorsDir};
+use hass_models::draft_vocab::{most_frequent, target_rows};
+use hass_models::{DraftHead, KvCache, Llama, SafetensorsDir};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -386,8 +386,9 @@ fn train_stage<AD: TrainBackend>(
             Some(n) => {
                 let counts =
                     token_counts(data, &split.train, cfg.max_len, target.config().vocab_size)?;
-                let vocab = DraftVocab::from_target(target, most_frequent(&counts, n)?)?;
-                fresh.with_vocab(vocab.lm_head(), vocab.ids().to_vec(), &device)
+                let ids = most_frequent(&counts, n)?;
+                let rows = target_rows(target, &ids)?.cast(DType::F32);
+                fresh.with_vocab(Tensor::from_inner(rows), ids)
             }
             None => fresh,
         }
@@ -419,12 +420,10 @@ fn train_stage<AD: TrainBackend>(
     let embedding = Tensor::<AD, 2>::from_inner(target.embedding().clone().cast(DType::F32));
     // The LM head the target distribution is taken over: the target's, or its rows of
     // the reduced vocabulary (EAGLE-3's `softmax(target_logits[..., t2d])`).
-    let mut lm_head = target.lm_head().clone();
-    if let Some(ids) = model.vocab_ids() {
-        let idx = ids.iter().map(|&i| i as i64).collect::<Vec<_>>();
-        let idx = Tensor::from_data(TensorData::new(idx, [ids.len()]), &device);
-        lm_head = lm_head.select(0, idx);
-    }
+    let lm_head = match model.vocab_ids() {
+        Some(ids) => target_rows(target, ids)?,
+        None => target.lm_head().clone(),
+    };
     let lm_head = Tensor::<AD, 2>::from_inner(lm_head.cast(DType::F32));
     let weights = cfg.loss_weights();
     let bar = progress.then(|| {
