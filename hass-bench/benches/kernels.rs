@@ -36,6 +36,7 @@ use burn::prelude::*;
 use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput};
 use hass_core::tree::{DraftTree, TreeBuilder, TreeParams};
 use hass_core::Result;
+use hass_infer::tuning::synthetic_tokens;
 use hass_infer::{draft_step, head_top_k, EagleProposer, Proposer};
 use hass_models::assets::{ensure, Asset};
 use hass_models::{default_device, load_model, DefaultBackend, DraftHead, LogitRows, WeightDtype};
@@ -125,11 +126,6 @@ impl SyntheticGrowth {
         }
         Ok(b.finish())
     }
-}
-
-/// Deterministic token ids spread over the vocabulary (as `hass-bench speed`).
-fn synthetic_tokens(n: usize, vocab: usize) -> Vec<u32> {
-    (0..n).map(|i| ((i * 7919 + 13) % vocab) as u32).collect()
 }
 
 fn tree_label((total, depth, top_k): (usize, usize, usize)) -> String {

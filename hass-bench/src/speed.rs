@@ -3,7 +3,7 @@
 use hass_models::HassBackend;
 
 use hass_core::Result;
-use hass_infer::tuning::verify_curve;
+use hass_infer::tuning::{synthetic_tokens, verify_curve};
 use hass_infer::{GenerationConfig, VanillaGenerator};
 use hass_models::Llama;
 use serde::Serialize;
@@ -55,11 +55,6 @@ pub struct SpeedReport {
     pub roofline_tokens_per_s: f64,
     pub roofline_fraction: f64,
     pub verify: Vec<VerifyPoint>,
-}
-
-/// Deterministic token ids spread over the vocabulary (timings do not depend on ids).
-fn synthetic_tokens(n: usize, vocab: usize) -> Vec<u32> {
-    (0..n).map(|i| ((i * 7919 + 13) % vocab) as u32).collect()
 }
 
 /// Runs the benchmark on a loaded model (`load_s` is measured by the caller).

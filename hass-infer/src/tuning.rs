@@ -319,6 +319,12 @@ fn median_ms(mut f: impl FnMut() -> Result<()>, repeats: usize) -> Result<f64> {
     Ok(times[times.len() / 2].as_secs_f64() * 1e3)
 }
 
+/// `n` deterministic token ids spread over a `vocab`-token vocabulary: timings do not
+/// depend on the ids, so benchmarks feed these.
+pub fn synthetic_tokens(n: usize, vocab: usize) -> Vec<u32> {
+    (0..n).map(|i| ((i * 7919 + 13) % vocab) as u32).collect()
+}
+
 /// The verify-cost curve: median milliseconds of a target forward of `m` new tokens
 /// (logits of every row) on a cache holding `context`, for each `m` of `sizes`.
 pub fn verify_curve<B: HassBackend>(
@@ -335,8 +341,7 @@ pub fn verify_curve<B: HassBackend>(
     let vocab = target.config().vocab_size;
     let mut curve = Vec::new();
     for &m in sizes {
-        // Token ids do not change the cost: spread them over the vocabulary.
-        let tokens: Vec<u32> = (0..m).map(|i| ((i * 7919 + 13) % vocab) as u32).collect();
+        let tokens = synthetic_tokens(m, vocab);
         let pos: Vec<usize> = (n..n + m).collect();
         let ms = median_ms(
             || {

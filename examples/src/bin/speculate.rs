@@ -1,9 +1,9 @@
 //! The same prompt decoded twice, vanilla then speculative, on SmolLM2-135M-Instruct
 //! (default, fetched on first use) or any `--model`, with a draft head (default: the
-//! committed HASS head with an 8k draft vocabulary, `heads/smollm2-hass-v8k`; `--draft DIR` for another one in the
-//! EAGLE/HASS layout), a random head (`--draft random`) or the oracle drafter
-//! (`--draft oracle`: the target drafts for itself, so every draft is right — a
-//! correctness check, not a speedup). Prints both texts, whether they are equal
+//! committed HASS head with an 8k draft vocabulary, `heads/smollm2-hass-v8k`;
+//! `--draft DIR` for another one in the EAGLE/HASS layout), a random head
+//! (`--draft random`) or the oracle drafter (`--draft oracle`: the target drafts for
+//! itself, so every draft is right — a correctness check, not a speedup). Prints both texts, whether they are equal
 //! (expected at temperature 0), τ, the time split and the speedup.
 //!
 //! ```text
@@ -15,9 +15,6 @@
 //! machine's measured costs and the head's acceptance (`hass_infer::tuning`), measured
 //! once per target, head, dtype and machine (tens of seconds) and cached in
 //! `$HASS_CACHE/tuning/`.
-//!
-//! ```text
-//! ```
 
 use std::path::PathBuf;
 use std::time::Instant;
