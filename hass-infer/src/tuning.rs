@@ -527,8 +527,9 @@ fn machine_stamp() -> String {
 /// The tuning of `loaded` with the head in `head_dir` (weights in `dtype`) on this
 /// machine: read from `cache_dir/<key>.json`, or measured with
 /// [`CALIBRATION_PROMPTS`] through the model's chat template and written there. The
-/// key covers the target and head files (path, size, mtime), the dtype, the backend,
-/// the CPU model and thread count. Returns the tuning, its file, and whether it was
+/// key covers the target and head files (path, size, mtime), the dtype, the backend
+/// and its [`COST_REVISION`](hass_models::backend::COST_REVISION), the CPU model and
+/// thread count. Returns the tuning, its file, and whether it was
 /// measured now.
 pub fn cached_tuning<B: HassBackend>(
     loaded: &LoadedModel<B>,
@@ -542,6 +543,7 @@ pub fn cached_tuning<B: HassBackend>(
         file_stamp(&head_dir.join("model.safetensors")),
         format!("{dtype:?}"),
         std::any::type_name::<B>().to_string(),
+        format!("costs r{}", hass_models::backend::COST_REVISION),
         machine_stamp(),
     ]
     .join("|");

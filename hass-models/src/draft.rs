@@ -177,7 +177,9 @@ impl<B: HassBackend> DraftHead<B> {
         }
         let h = config.hidden_size;
         let device = target.device().clone();
-        let ld = Loader::new(source, WeightDtype::F32.dtype());
+        // Matrices in the target's dtype: the head's forward is as memory-bound as the
+        // target's (f16 halves what each committed round reads).
+        let ld = Loader::new(source, target.embedding().dtype());
         // The stored embedding is a copy of the target's; the target's is used.
         if let Some(shape) = source.shape("embed_tokens.weight") {
             if shape != [tc.vocab_size, h] {

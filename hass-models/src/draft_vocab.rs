@@ -163,7 +163,7 @@ pub fn target_rows<B: HassBackend>(target: &Llama<B>, ids: &[u32]) -> Result<Ten
 }
 
 impl<B: HassBackend> DraftVocab<B> {
-    /// From an `[N, H]` projection (kept in f32) and the `N` target ids it scores.
+    /// From an `[N, H]` projection (kept in its dtype) and the `N` target ids it scores.
     pub fn new(lm_head: Tensor<B, 2>, ids: Vec<u32>, target_vocab: usize) -> Result<Self> {
         check_ids(&ids, target_vocab, "draft vocabulary")?;
         let [n, _] = lm_head.dims();
@@ -173,9 +173,9 @@ impl<B: HassBackend> DraftVocab<B> {
                 ids.len()
             )));
         }
-        let device = lm_head.device();
+        let (device, dtype) = (lm_head.device(), lm_head.dtype());
         Ok(DraftVocab {
-            lm_head_t: Tensor::from_data(lm_head.transpose().into_data().convert::<f32>(), &device),
+            lm_head_t: Tensor::from_data(lm_head.transpose().into_data(), (&device, dtype)),
             ids,
             target_vocab,
         })
@@ -195,7 +195,8 @@ impl<B: HassBackend> DraftVocab<B> {
     ) -> Result<Option<Self>> {
         read_vocab(ld, hidden, target_vocab)?
             .map(|(lm_head, ids)| {
-                let rows = Tensor::from_data(TensorData::new(lm_head, [ids.len(), hidden]), device);
+                let data = TensorData::new(lm_head, [ids.len(), hidden]);
+                let rows = Tensor::from_data(data, (device, ld.dtype));
                 Self::new(rows, ids, target_vocab)
             })
             .transpose()

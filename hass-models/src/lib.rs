@@ -15,6 +15,7 @@ pub mod load;
 pub mod loader;
 pub mod safetensors_dir;
 pub mod small_m;
+mod spin_pool;
 pub mod weights;
 
 pub use backend::{default_device, DefaultBackend, HassBackend};

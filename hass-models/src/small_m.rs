@@ -9,14 +9,15 @@
 //! (exactly, as `f32`) and picked up again.
 //!
 //! Few-row products are memory-bound, so the weights are streamed once for all
-//! rows: threads own column ranges; inside a range each weight tile (`KB` rows ×
+//! rows: threads (the caller and [`crate::spin_pool`]'s helpers) own column ranges; inside a range each weight tile (`KB` rows ×
 //! `NR` columns) is read once, by register tiles covering every row of `x`, with
 //! partial sums parked in `out` between `k` blocks. Block shapes, the one-row
 //! `sweep`, the packing rule and the threading thresholds follow what measured
 //! fastest on cold weights (a 2-vCPU AMD EPYC VM with AVX-512, ~25 GB/s).
 
 use half::f16;
-use rayon::prelude::*;
+
+use crate::spin_pool::Pool;
 
 /// Weight matrix `[k, n]`, row-major (y = x · w).
 #[derive(Clone, Copy)]
@@ -83,19 +84,24 @@ const L1_SUMS_BYTES: usize = 16 << 10;
 /// Partial sums per column block (`m ×` block width `f32`s), kept in L2 across
 /// `k` blocks; the wider the block, the longer the runs read from each weight row.
 const BLOCK_SUMS_BYTES: usize = 128 << 10;
-/// Below this many multiply-adds (about 50 us on one core) waking other threads
-/// costs more than it saves. Above it, parts run on all threads, also for one
-/// row: two threads stream more bandwidth than one (lm_head, 1 row: ~3.5 ms vs
-/// 4.7 ms back to back on a 2-vCPU EPYC VM). A rayon worker that went to sleep
-/// takes 50-150 us to wake there, so isolated calls gain less.
+/// One row: below this many multiply-adds a single thread's sequential `sweep`
+/// is as fast as column parts on all threads (whose strided reads stream worse);
+/// above it, as for a vocabulary projection, two threads stream more bandwidth
+/// than one (SmolLM2's LM head, 1 row, f16: 1.6 ms vs 2.2 ms on a 2-vCPU EPYC VM).
 const PAR_MIN_WORK: usize = 1 << 22;
+/// Several rows: with f16 weights a core spends as long converting each weight
+/// to f32 as multiplying it, so these products are compute-bound and parts pay
+/// from ~0.1 M multiply-adds, with helpers that spin (see [`crate::spin_pool`]).
+/// SmolLM2's 120 layer projections, cold f16 weights, 2 rows: ~11 ms on two
+/// threads vs ~16 ms on one (one row: ~9 ms).
+const PAR_MIN_WORK_ROWS: usize = 1 << 17;
 /// Minimum columns per thread.
 const PAR_MIN_COLS: usize = 256;
 
 /// Raw `out` pointer shared by the threads; each writes only its own columns.
 #[derive(Clone, Copy)]
 struct OutPtr(*mut f32);
-// SAFETY: parts write disjoint column ranges of `out`, which outlives the rayon scope.
+// SAFETY: parts write disjoint column ranges of `out`, which outlives the pool's job.
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
@@ -112,19 +118,26 @@ struct Job<'a> {
 impl Job<'_> {
     /// Splits the columns of big products into one contiguous part per thread
     /// (multiples of `NR`, so only the last part has a partial tile) and runs them
-    /// on the rayon pool.
+    /// on the spin pool.
     fn run<E: Elem>(&self, w: &[E]) {
         let (m, k, n) = (self.m, self.k, self.n);
-        let parts = if m.saturating_mul(k).saturating_mul(n) < PAR_MIN_WORK {
+        let pool = Pool::global();
+        let min_work = if m == 1 {
+            PAR_MIN_WORK
+        } else {
+            PAR_MIN_WORK_ROWS
+        };
+        let parts = if m.saturating_mul(k).saturating_mul(n) < min_work {
             1
         } else {
-            rayon::current_num_threads().min(n / PAR_MIN_COLS).max(1)
+            let threads = rayon::current_num_threads().min(pool.threads());
+            threads.min(n / PAR_MIN_COLS).max(1)
         };
         let width = n.div_ceil(parts).next_multiple_of(NR);
         let part = |p: usize| self.columns(w, p * width, ((p + 1) * width).min(n));
         match n.div_ceil(width) {
             1 => part(0),
-            parts => (0..parts).into_par_iter().for_each(part),
+            parts => pool.run(parts, &part),
         }
     }
 
