@@ -1,6 +1,6 @@
 //! The same prompt decoded twice, vanilla then speculative, on SmolLM2-135M-Instruct
 //! (default, fetched on first use) or any `--model`, with a draft head (default: the
-//! committed HASS head with an 8k draft vocabulary, `heads/smollm2-hass-v8k`;
+//! committed HASS head with an 8k draft vocabulary, `heads/smollm2-hass-v8k-long`;
 //! `--draft DIR` for another one in the EAGLE/HASS layout), a random head
 //! (`--draft random`) or the oracle drafter (`--draft oracle`: the target drafts for
 //! itself, so every draft is right — a correctness check, not a speedup). Prints both texts, whether they are equal
@@ -34,7 +34,7 @@ struct Args {
     /// HF model directory or .gguf [default: SmolLM2-135M-Instruct Q4_1]
     #[arg(long)]
     model: Option<PathBuf>,
-    /// Draft head directory, `random` or `oracle` [default: heads/smollm2-hass-v8k,
+    /// Draft head directory, `random` or `oracle` [default: heads/smollm2-hass-v8k-long,
     /// for the default model]
     #[arg(long)]
     draft: Option<String>,
@@ -87,7 +87,11 @@ fn main() -> Result<()> {
 
     let draft = match (&args.draft, default_model) {
         (Some(d), _) => d.clone(),
-        (None, true) => concat!(env!("CARGO_MANIFEST_DIR"), "/../heads/smollm2-hass-v8k").into(),
+        (None, true) => concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../heads/smollm2-hass-v8k-long"
+        )
+        .into(),
         (None, false) => bail!("give this model's draft head with --draft DIR (or oracle/random)"),
     };
     let head;
