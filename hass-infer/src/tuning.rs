@@ -529,8 +529,7 @@ fn machine_stamp() -> String {
 /// [`CALIBRATION_PROMPTS`] through the model's chat template and written there. The
 /// key covers the target and head files (path, size, mtime), the dtype, the backend
 /// and its [`COST_REVISION`](hass_models::backend::COST_REVISION), the CPU model and
-/// thread count. Returns the tuning, its file, and whether it was
-/// measured now.
+/// thread count. Returns the tuning, its file, and whether it was measured now.
 pub fn cached_tuning<B: HassBackend>(
     loaded: &LoadedModel<B>,
     head: &DraftHead<B>,
@@ -674,9 +673,8 @@ impl TreeSpec {
 
 /// Adds to `stats` the head's ranks of the target's tokens `seq[start + 1..]`, given
 /// the target's `features` of `seq`: for each root `seq[p]` (`p ≥ start`), level 1
-/// from the head's row over true features,
-/// deeper levels feeding the head its own outputs with the true tokens, as drafting
-/// an accepted path does.
+/// from the head's row over true features, deeper levels feeding the head its own
+/// outputs with the true tokens, as drafting an accepted path does.
 fn rank_continuations<B: HassBackend>(
     target: &Llama<B>,
     head: &DraftHead<B>,

@@ -9,11 +9,12 @@
 //! (exactly, as `f32`) and picked up again.
 //!
 //! Few-row products are memory-bound, so the weights are streamed once for all
-//! rows: threads (the caller and [`crate::spin_pool`]'s helpers) own column ranges; inside a range each weight tile (`KB` rows ×
-//! `NR` columns) is read once, by register tiles covering every row of `x`, with
-//! partial sums parked in `out` between `k` blocks. Block shapes, the one-row
-//! `sweep`, the packing rule and the threading thresholds follow what measured
-//! fastest on cold weights (a 2-vCPU AMD EPYC VM with AVX-512, ~25 GB/s).
+//! rows: threads (the caller and [`crate::spin_pool`]'s helpers) own column ranges;
+//! inside a range each weight tile (`KB` rows × `NR` columns) is read once, by
+//! register tiles covering every row of `x`, with partial sums parked in `out`
+//! between `k` blocks. Block shapes, the one- and two-row `sweep`, the packing rule
+//! and the threading thresholds follow what measured fastest on cold weights (a
+//! 2-vCPU AMD EPYC VM with AVX-512, ~25 GB/s).
 
 use half::f16;
 
@@ -89,11 +90,12 @@ const BLOCK_SUMS_BYTES: usize = 128 << 10;
 /// above it, as for a vocabulary projection, two threads stream more bandwidth
 /// than one (SmolLM2's LM head, 1 row, f16: 1.6 ms vs 2.2 ms on a 2-vCPU EPYC VM).
 const PAR_MIN_WORK: usize = 1 << 22;
-/// Several rows: with f16 weights a core spends as long converting each weight
-/// to f32 as multiplying it, so these products are compute-bound and parts pay
-/// from ~0.1 M multiply-adds, with helpers that spin (see [`crate::spin_pool`]).
-/// SmolLM2's 120 layer projections, cold f16 weights, 2 rows: ~11 ms on two
-/// threads vs ~16 ms on one (one row: ~9 ms).
+/// Several rows (those too wide for the `sweep`): with f16 weights a core spends
+/// as long converting each weight to f32 as multiplying it, so these products are
+/// compute-bound and parts pay from ~0.1 M multiply-adds, with helpers that spin
+/// (see [`crate::spin_pool`]). SmolLM2's 120 layer projections, cold f16 weights,
+/// 2 rows: ~12 ms with these rules vs ~16 ms all in `k` blocks on one thread (one
+/// row: ~9–10 ms).
 const PAR_MIN_WORK_ROWS: usize = 1 << 17;
 /// Whether `m` rows over `cols` columns take the [`sweep`]: one or two rows whose
 /// partial sums fit L1. Such products also stay on one thread: column parts would
@@ -254,7 +256,7 @@ trait Tile {
 struct Packed([[f32; NR]; KC]);
 
 /// Loop nest shared by all kernels: column blocks, `k` blocks, column tiles, row
-/// tiles (after `sweep` for a single row that allows it).
+/// tiles (after `sweep` for the one or two rows that allow it).
 ///
 /// A partial last column tile is packed zero-padded and its sums kept in a side
 /// buffer of full tiles; only its valid columns reach `out`.

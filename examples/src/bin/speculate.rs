@@ -3,8 +3,9 @@
 //! committed HASS head with an 8k draft vocabulary, `heads/smollm2-hass-v8k-long`;
 //! `--draft DIR` for another one in the EAGLE/HASS layout), a random head
 //! (`--draft random`) or the oracle drafter (`--draft oracle`: the target drafts for
-//! itself, so every draft is right — a correctness check, not a speedup). Prints both texts, whether they are equal
-//! (expected at temperature 0), τ, the time split and the speedup.
+//! itself, so every draft is right — a correctness check, not a speedup). Prints both
+//! texts, whether they are equal (expected at temperature 0), τ, the time split and
+//! the speedup.
 //!
 //! ```text
 //! cargo run --release -p hass-examples --bin speculate -- --chat "Name three primary colors."
