@@ -9,7 +9,7 @@
 //! (exactly, as `f32`) and picked up again.
 //!
 //! Few-row products are memory-bound, so the weights are streamed once for all
-//! rows: threads (the caller and [`crate::spin_pool`]'s helpers) own column ranges;
+//! rows: threads (the caller and the private `spin_pool` module's helpers) own column ranges;
 //! inside a range each weight tile (`KB` rows × `NR` columns) is read once, by
 //! register tiles covering every row of `x`, with partial sums parked in `out`
 //! between `k` blocks. Block shapes, the one- and two-row `sweep`, the packing rule
@@ -93,7 +93,7 @@ const PAR_MIN_WORK: usize = 1 << 22;
 /// Several rows (those too wide for the `sweep`): with f16 weights a core spends
 /// as long converting each weight to f32 as multiplying it, so these products are
 /// compute-bound and parts pay from ~0.1 M multiply-adds, with helpers that spin
-/// (see [`crate::spin_pool`]). SmolLM2's 120 layer projections, cold f16 weights,
+/// (see the private `spin_pool` module). SmolLM2's 120 layer projections, cold f16 weights,
 /// 2 rows: ~12 ms with these rules vs ~16 ms all in `k` blocks on one thread (one
 /// row: ~9–10 ms).
 const PAR_MIN_WORK_ROWS: usize = 1 << 17;
