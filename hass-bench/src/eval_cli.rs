@@ -39,10 +39,11 @@ pub struct EvalArgs {
     /// hass-v8k=heads/smollm2-hass-v8k and hass-v8k-long=heads/smollm2-hass-v8k-long]
     #[arg(long = "head")]
     pub heads: Vec<String>,
-    /// Storage dtype of the target's weight matrices (f16: half the bytes per step;
-    /// on the CPU both dtypes run every decode and verify product through the same
-    /// batch-invariant kernel, so T = 0 outputs stay identical to vanilla).
-    #[arg(long, default_value = "f16")]
+    /// Storage of the target's weight matrices: auto (a GGUF's quantized blocks as
+    /// stored, on the CPU), q4_0, q4_1, q8_0, f16 or f32. Every storage runs decode and
+    /// verify products through a batch-invariant kernel, so T = 0 outputs stay
+    /// identical to vanilla.
+    #[arg(long, default_value = "auto")]
     pub dtype: WeightDtype,
     /// Folder of the prompt sets [default: the repository's bench-prompts/]
     #[arg(long)]

@@ -40,8 +40,9 @@ enum Command {
         verify: Vec<usize>,
         #[arg(long, default_value_t = 5)]
         repeats: usize,
-        /// Storage dtype of the weight matrices.
-        #[arg(long, default_value = "f16")]
+        /// Storage of the weight matrices: auto (a GGUF's quantized blocks as stored,
+        /// on the CPU), q4_0, q4_1, q8_0, f16 or f32.
+        #[arg(long, default_value = "auto")]
         dtype: WeightDtype,
         /// Also write the report as JSON here.
         #[arg(long)]

@@ -9,6 +9,7 @@ use burn::backend::{Autodiff, Flex};
 use burn::prelude::*;
 use burn::tensor::{DType, TensorPrimitive};
 
+use crate::quant::{qmatmul, QMatrix};
 use crate::small_m::{self, Weights};
 
 #[cfg(feature = "cuda")]
@@ -25,6 +26,20 @@ pub trait HassBackend: Backend {
     /// f32.
     fn project(x: Tensor<Self, 2>, w: &Tensor<Self, 2>) -> Tensor<Self, 2> {
         matmul(x, w)
+    }
+
+    /// Whether [`HassBackend::project_quant`] has a kernel of its own here: `auto`
+    /// weights stay quantized only where it does.
+    const QUANT_KERNELS: bool = false;
+
+    /// `x [m, k] · Wᵀ` for a quantized `W [n, k]`; the result is f32. The default
+    /// dequantises `W` on every call (correct everywhere, fast nowhere).
+    fn project_quant(x: Tensor<Self, 2>, w: &QMatrix) -> Tensor<Self, 2> {
+        let dense = Tensor::<Self, 2>::from_data(
+            TensorData::new(w.dequantize(), [w.rows(), w.cols()]),
+            &x.device(),
+        );
+        x.matmul(dense.transpose())
     }
 }
 
@@ -76,21 +91,38 @@ impl HassBackend for Flex {
         let Some(weights) = weights else {
             return matmul(x, w);
         };
-        let device = x.device();
-        let xp: FlexTensor = x.into_primitive().tensor();
-        let xp = if xp.as_slice::<f32>().is_some() {
-            xp
-        } else {
-            xp.to_contiguous()
-        };
-        let xs = xp.as_slice::<f32>().expect("contiguous f32");
-        let mut out = vec![0.0f32; m * n];
-        small_m::matmul(xs, m, k, weights, n, &mut out);
-        Tensor::from_primitive(TensorPrimitive::Float(FlexTensor::from_data(
-            TensorData::new(out, [m, n]),
-        )))
-        .to_device(&device)
+        on_host(x, n, |xs, out| small_m::matmul(xs, m, k, weights, n, out))
     }
+
+    const QUANT_KERNELS: bool = true;
+
+    fn project_quant(x: Tensor<Self, 2>, w: &QMatrix) -> Tensor<Self, 2> {
+        let [m, k] = x.dims();
+        assert_eq!(k, w.cols(), "{k} activation columns for {} weight columns", w.cols());
+        on_host(x.cast(DType::F32), w.rows(), |xs, out| qmatmul(xs, m, w, out))
+    }
+}
+
+/// `[m, n]` from `product(x, out)`, which fills `out` from `x`'s f32 values.
+fn on_host(
+    x: Tensor<Flex, 2>,
+    n: usize,
+    product: impl FnOnce(&[f32], &mut [f32]),
+) -> Tensor<Flex, 2> {
+    let m = x.dims()[0];
+    let device = x.device();
+    let xp: FlexTensor = x.into_primitive().tensor();
+    let xp = if xp.as_slice::<f32>().is_some() {
+        xp
+    } else {
+        xp.to_contiguous()
+    };
+    let mut out = vec![0.0f32; m * n];
+    product(xp.as_slice::<f32>().expect("contiguous f32"), &mut out);
+    Tensor::from_primitive(TensorPrimitive::Float(FlexTensor::from_data(
+        TensorData::new(out, [m, n]),
+    )))
+    .to_device(&device)
 }
 
 /// Training differentiates through Burn's matmul.

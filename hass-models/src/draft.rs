@@ -75,6 +75,7 @@ impl WeightSource for StripPrefix<'_> {
 /// How [`DraftHead::save_as`] writes a head.
 #[derive(Debug, Clone, Copy)]
 pub struct SaveOptions {
+    /// f32, else f16.
     pub dtype: WeightDtype,
     /// Also write the target's embedding (`embed_tokens.weight`), as EAGLE's own
     /// checkpoints do; hass ignores it on load, so without it a head is ~25× smaller.
@@ -179,7 +180,7 @@ impl<B: HassBackend> DraftHead<B> {
         let device = target.device().clone();
         // Matrices in the target's dtype: the head's forward is as memory-bound as the
         // target's (f16 halves what each committed round reads).
-        let ld = Loader::new(source, target.embedding().dtype());
+        let ld = Loader::new(source, target.dense_dtype());
         // The stored embedding is a copy of the target's; the target's is used.
         if let Some(shape) = source.shape("embed_tokens.weight") {
             if shape != [tc.vocab_size, h] {
@@ -270,7 +271,6 @@ impl<B: HassBackend> DraftHead<B> {
         if with_embedding {
             let embed = target
                 .embedding()
-                .clone()
                 .into_data()
                 .convert::<f32>()
                 .into_vec::<f32>()
@@ -336,7 +336,8 @@ impl<B: HassBackend> DraftHead<B> {
                     (_, WeightDtype::F32) => {
                         (Dtype::F32, d.iter().flat_map(|x| x.to_le_bytes()).collect())
                     }
-                    (_, WeightDtype::F16) => (
+                    // Heads are stored dense: f16 for every other choice.
+                    _ => (
                         Dtype::F16,
                         d.iter()
                             .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())

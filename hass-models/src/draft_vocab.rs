@@ -159,7 +159,7 @@ pub fn target_rows<B: HassBackend>(target: &Llama<B>, ids: &[u32]) -> Result<Ten
         TensorData::new(ids.iter().map(|&i| i as i64).collect(), [ids.len()]),
         target.device(),
     );
-    Ok(target.lm_head().clone().select(0, idx))
+    Ok(target.lm_head().select(0, idx))
 }
 
 impl<B: HassBackend> DraftVocab<B> {

@@ -11,7 +11,8 @@ use hass_core::{HassError, Result};
 
 use crate::backend::HassBackend;
 use crate::kv_cache::KvCache;
-use crate::loader::{unfuse, Loader};
+use crate::linear::Linear;
+use crate::loader::Loader;
 
 /// `x · w` in f32, whatever dtype `w` is stored in.
 pub(crate) fn mm<B: HassBackend>(x: Tensor<B, 2>, w: &Tensor<B, 2>) -> Tensor<B, 2> {
@@ -132,16 +133,16 @@ impl<B: Backend> AttnContext<B> {
 pub(crate) struct DecoderLayer<B: Backend> {
     /// `None` for the EAGLE draft layer, which has no input norm.
     attn_norm: Option<Tensor<B, 1>>,
-    /// `[hidden, (n_heads + 2 n_kv) · head_dim]`: q, k, v columns side by side.
-    wqkv: Tensor<B, 2>,
+    /// `hidden → (n_heads + 2 n_kv) · head_dim`: q, k, v outputs side by side.
+    wqkv: Linear<B>,
     bqkv: Option<Tensor<B, 1>>,
-    /// `[n_heads · head_dim, hidden]`.
-    wo: Tensor<B, 2>,
+    /// `n_heads · head_dim → hidden`.
+    wo: Linear<B>,
     mlp_norm: Tensor<B, 1>,
-    /// `[hidden, 2 · intermediate]`: gate then up.
-    w_gate_up: Tensor<B, 2>,
-    /// `[intermediate, hidden]`.
-    w_down: Tensor<B, 2>,
+    /// `hidden → 2 · intermediate`: gate then up.
+    w_gate_up: Linear<B>,
+    /// `intermediate → hidden`.
+    w_down: Linear<B>,
 }
 
 /// HF names of one layer's tensors under `prefix` (`model.layers.3`, `layers.0`).
@@ -178,15 +179,15 @@ impl<B: HassBackend> DecoderLayer<B> {
         };
         Ok(DecoderLayer {
             attn_norm,
-            wqkv: ld.fused_in_out(&qkv_names(prefix, c, "weight"), h, dev)?,
+            wqkv: ld.linear(&qkv_names(prefix, c, "weight"), h, dev)?,
             bqkv,
-            wo: ld.fused_in_out(
+            wo: ld.linear(
                 &[(format!("{prefix}.self_attn.o_proj.weight"), h)],
                 c.num_attention_heads * c.head_dim,
                 dev,
             )?,
             mlp_norm: ld.vector(&format!("{prefix}.post_attention_layernorm.weight"), h, dev)?,
-            w_gate_up: ld.fused_in_out(
+            w_gate_up: ld.linear(
                 &[
                     (format!("{prefix}.mlp.gate_proj.weight"), inter),
                     (format!("{prefix}.mlp.up_proj.weight"), inter),
@@ -194,12 +195,24 @@ impl<B: HassBackend> DecoderLayer<B> {
                 h,
                 dev,
             )?,
-            w_down: ld.fused_in_out(
+            w_down: ld.linear(
                 &[(format!("{prefix}.mlp.down_proj.weight"), h)],
                 inter,
                 dev,
             )?,
         })
+    }
+
+    /// Bytes of the projections and norms (what one decode step reads of the layer).
+    pub fn weight_bytes(&self) -> usize {
+        let vector = |t: &Tensor<B, 1>| t.dims()[0] * size_of::<f32>();
+        [&self.wqkv, &self.wo, &self.w_gate_up, &self.w_down]
+            .iter()
+            .map(|l| l.bytes())
+            .sum::<usize>()
+            + self.attn_norm.as_ref().map_or(0, vector)
+            + vector(&self.mlp_norm)
+            + self.bqkv.as_ref().map_or(0, vector)
     }
 
     /// The layer's tensors in HF names and layout (for saving).
@@ -218,7 +231,7 @@ impl<B: HassBackend> DecoderLayer<B> {
         }
         let names = qkv_names(prefix, c, "weight");
         let outs: Vec<usize> = names.iter().map(|(_, o)| *o).collect();
-        for ((name, o), m) in names.iter().zip(unfuse(&self.wqkv, &outs)) {
+        for ((name, o), m) in names.iter().zip(self.wqkv.hf_parts(&outs)) {
             out.push((name.clone(), vec![*o, h], m));
         }
         if let Some(b) = &self.bqkv {
@@ -234,14 +247,14 @@ impl<B: HassBackend> DecoderLayer<B> {
         out.push((
             format!("{prefix}.self_attn.o_proj.weight"),
             vec![h, qdim],
-            unfuse(&self.wo, &[h]).remove(0),
+            self.wo.hf_parts(&[h]).remove(0),
         ));
         out.push((
             format!("{prefix}.post_attention_layernorm.weight"),
             vec![h],
             host(&self.mlp_norm),
         ));
-        let mut gu = unfuse(&self.w_gate_up, &[inter, inter]);
+        let mut gu = self.w_gate_up.hf_parts(&[inter, inter]);
         let up = gu.pop().expect("two parts");
         out.push((
             format!("{prefix}.mlp.gate_proj.weight"),
@@ -252,7 +265,7 @@ impl<B: HassBackend> DecoderLayer<B> {
         out.push((
             format!("{prefix}.mlp.down_proj.weight"),
             vec![h, inter],
-            unfuse(&self.w_down, &[h]).remove(0),
+            self.w_down.hf_parts(&[h]).remove(0),
         ));
         out
     }
@@ -278,7 +291,7 @@ impl<B: HassBackend> DecoderLayer<B> {
             Some(w) => rms_norm(x.clone(), w, c.rms_norm_eps),
             None => x.clone(),
         };
-        let mut qkv = mm(h, &self.wqkv);
+        let mut qkv = self.wqkv.forward(h);
         if let Some(b) = &self.bqkv {
             qkv = qkv + b.clone().unsqueeze::<2>();
         }
@@ -303,12 +316,12 @@ impl<B: HassBackend> DecoderLayer<B> {
             .reshape([1, nh, t, hd])
             .swap_dims(1, 2)
             .reshape([t, nh * hd]);
-        let x = x + mm(attn, &self.wo);
+        let x = x + self.wo.forward(attn);
         let h = rms_norm(x.clone(), &self.mlp_norm, c.rms_norm_eps);
-        let gu = mm(h, &self.w_gate_up);
+        let gu = self.w_gate_up.forward(h);
         let inter = c.intermediate_size;
         let gate = gu.clone().slice([0..t, 0..inter]);
         let up = gu.slice([0..t, inter..2 * inter]);
-        x + mm(silu(gate) * up, &self.w_down)
+        x + self.w_down.forward(silu(gate) * up)
     }
 }

@@ -16,17 +16,29 @@ use hass_core::{HassError, Result};
 
 use crate::backend::HassBackend;
 use crate::kv_cache::KvCache;
-use crate::layer::{mm, rms_norm, AttnContext, DecoderLayer};
+use std::sync::Arc;
+
+use crate::layer::{rms_norm, AttnContext, DecoderLayer};
+use crate::linear::Linear;
 use crate::loader::Loader;
+use crate::quant::{QMatrix, QType, QuantMode};
 use crate::weights::WeightSource;
 
-/// Storage dtype of the weight matrices.
+/// How the weight matrices are stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum WeightDtype {
     #[default]
     F32,
     F16,
+    /// Projections in ggml blocks of this type (quantised at load where the file
+    /// stores another type); embeddings looked up from the blocks.
+    Q8_0,
+    Q4_0,
+    Q4_1,
+    /// As the file stores them: a GGUF's Q8_0/Q4_0/Q4_1 blocks as they are (other
+    /// block types as Q8_0) on a backend with quantized kernels; f16 otherwise.
+    Auto,
 }
 
 impl std::str::FromStr for WeightDtype {
@@ -36,18 +48,49 @@ impl std::str::FromStr for WeightDtype {
         match s {
             "f32" => Ok(WeightDtype::F32),
             "f16" => Ok(WeightDtype::F16),
+            "q8_0" => Ok(WeightDtype::Q8_0),
+            "q4_0" => Ok(WeightDtype::Q4_0),
+            "q4_1" => Ok(WeightDtype::Q4_1),
+            "auto" => Ok(WeightDtype::Auto),
             other => Err(HassError::InvalidArgument(format!(
-                "weight dtype `{other}` (use f32 or f16)"
+                "weight dtype `{other}` (use auto, q4_0, q4_1, q8_0, f16 or f32)"
             ))),
         }
     }
 }
 
+impl std::fmt::Display for WeightDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            WeightDtype::F32 => "f32",
+            WeightDtype::F16 => "f16",
+            WeightDtype::Q8_0 => "q8_0",
+            WeightDtype::Q4_0 => "q4_0",
+            WeightDtype::Q4_1 => "q4_1",
+            WeightDtype::Auto => "auto",
+        })
+    }
+}
+
 impl WeightDtype {
-    pub(crate) fn dtype(self) -> DType {
+    /// The dtype of dense matrices (f32 only for [`WeightDtype::F32`]).
+    pub(crate) fn dense(self) -> DType {
         match self {
             WeightDtype::F32 => DType::F32,
-            WeightDtype::F16 => DType::F16,
+            _ => DType::F16,
+        }
+    }
+
+    /// How projections from `source` are kept on backend `B`: `None` for dense.
+    fn quant<B: HassBackend>(self, source: &dyn WeightSource) -> Option<QuantMode> {
+        match self {
+            WeightDtype::F32 | WeightDtype::F16 => None,
+            WeightDtype::Q8_0 => Some(QuantMode::To(QType::Q8_0)),
+            WeightDtype::Q4_0 => Some(QuantMode::To(QType::Q4_0)),
+            WeightDtype::Q4_1 => Some(QuantMode::To(QType::Q4_1)),
+            WeightDtype::Auto => {
+                (B::QUANT_KERNELS && source.is_quantized()).then_some(QuantMode::AsStored)
+            }
         }
     }
 }
@@ -79,14 +122,23 @@ pub struct ForwardOutput<B: Backend> {
 pub struct Llama<B: Backend> {
     config: ModelConfig,
     /// `[vocab, hidden]`.
-    embed: Tensor<B, 2>,
+    embed: Embedding<B>,
     layers: Vec<DecoderLayer<B>>,
     norm: Tensor<B, 1>,
-    /// `[vocab, hidden]`; shares the embedding's storage when tied.
-    lm_head: Tensor<B, 2>,
-    /// `[hidden, vocab]`, contiguous: the layout the linear kernels stream.
-    lm_head_t: Tensor<B, 2>,
+    /// `hidden → vocab`: dense `[hidden, vocab]` (contiguous: the layout the kernels
+    /// stream), or blocks that share the embedding's when tied.
+    lm_head: Linear<B>,
+    /// Storage dtype of the dense matrices (the embedding unless quantized).
+    dense: DType,
     device: B::Device,
+}
+
+/// The token embedding `[vocab, hidden]`.
+#[derive(Debug, Clone)]
+enum Embedding<B: Backend> {
+    Dense(Tensor<B, 2>),
+    /// Rows dequantised on lookup.
+    Quant(Arc<QMatrix>),
 }
 
 /// Tensors that may sit in a checkpoint without being weights (non-persistent
@@ -107,7 +159,8 @@ impl<B: HassBackend> Llama<B> {
     }
 
     /// Like [`Llama::load`], keeping the matrices in `dtype`. Norms, activations and
-    /// accumulation stay f32; f16 halves the bytes a decode step reads.
+    /// accumulation stay f32; f16 halves the bytes a decode step reads, Q4_1 blocks
+    /// read under a third of f16's.
     pub fn load_with_dtype(
         source: &dyn WeightSource,
         config: ModelConfig,
@@ -117,30 +170,47 @@ impl<B: HassBackend> Llama<B> {
         config.validate(&source.describe())?;
         let c = &config;
         let (h, v) = (c.hidden_size, c.vocab_size);
-        let ld = Loader::new(source, dtype.dtype());
-        let embed = ld.matrix("model.embed_tokens.weight", v, h, device)?;
-        let lm_head = if c.tie_word_embeddings {
+        let dense = dtype.dense();
+        let quant = dtype.quant::<B>(source);
+        let ld = match quant {
+            Some(mode) => Loader::quantized(source, dense, mode),
+            None => Loader::new(source, dense),
+        };
+        let embed_name = "model.embed_tokens.weight";
+        let head_name = if c.tie_word_embeddings {
             ld.skip("lm_head.weight"); // a stored copy of a tied head is redundant, not wrong
-            embed.clone()
+            embed_name
         } else {
-            ld.matrix("lm_head.weight", v, h, device)?
+            "lm_head.weight"
+        };
+        let (embed, lm_head) = match quant {
+            Some(mode) => {
+                let e = Arc::new(ld.qmatrix(embed_name, v, h, mode)?);
+                let head = if c.tie_word_embeddings {
+                    e.clone()
+                } else {
+                    Arc::new(ld.qmatrix(head_name, v, h, mode)?)
+                };
+                (Embedding::Quant(e), Linear::Quant(head))
+            }
+            None => {
+                let e = ld.matrix(embed_name, v, h, device)?;
+                let head = ld.fused_in_out(&[(head_name.to_string(), v)], h, device)?;
+                (Embedding::Dense(e), Linear::Dense(head))
+            }
         };
         let layers = (0..c.num_hidden_layers)
             .map(|l| DecoderLayer::load(&ld, &format!("model.layers.{l}"), c, true, device))
             .collect::<Result<Vec<_>>>()?;
         let norm = ld.vector("model.norm.weight", h, device)?;
         ld.check_all_used(is_ignorable)?;
-        let lm_head_t = Tensor::from_data(
-            lm_head.clone().transpose().into_data(),
-            (device, dtype.dtype()),
-        );
         Ok(Llama {
             config,
             embed,
             layers,
             norm,
             lm_head,
-            lm_head_t,
+            dense,
             device: device.clone(),
         })
     }
@@ -153,27 +223,45 @@ impl<B: HassBackend> Llama<B> {
         &self.device
     }
 
-    /// The token embedding `[vocab, hidden]` (shared, frozen, by draft heads).
-    pub fn embedding(&self) -> &Tensor<B, 2> {
-        &self.embed
+    /// The token embedding `[vocab, hidden]` in [`Llama::dense_dtype`] (draft heads
+    /// and training share it, frozen; dequantised when stored in blocks).
+    pub fn embedding(&self) -> Tensor<B, 2> {
+        match &self.embed {
+            Embedding::Dense(e) => e.clone(),
+            Embedding::Quant(q) => self.dense_matrix(q),
+        }
     }
 
-    /// The LM head `[vocab, hidden]` (draft heads reuse it).
-    pub fn lm_head(&self) -> &Tensor<B, 2> {
-        &self.lm_head
+    /// The LM head `[vocab, hidden]` in [`Llama::dense_dtype`] (draft heads reuse it).
+    pub fn lm_head(&self) -> Tensor<B, 2> {
+        match &self.lm_head {
+            Linear::Dense(t) => t.clone().transpose(),
+            Linear::Quant(q) => self.dense_matrix(q),
+        }
     }
 
-    /// Bytes of weights read by one decode step (each parameter once; the tied LM head
-    /// counts once more because the step reads it as the head).
+    fn dense_matrix(&self, q: &QMatrix) -> Tensor<B, 2> {
+        Tensor::from_data(
+            TensorData::new(q.dequantize(), [q.rows(), q.cols()]),
+            (&self.device, self.dense),
+        )
+    }
+
+    /// Storage dtype of dense matrices: this model's, and a draft head's beside it.
+    pub fn dense_dtype(&self) -> DType {
+        self.dense
+    }
+
+    /// Bytes of weights read by one decode step: every projection and the LM head once,
+    /// the norms, and one embedding row.
     pub fn weight_bytes_per_token(&self) -> usize {
         let c = &self.config;
-        let per_layer =
-            c.hidden_size * (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim
-                + c.num_attention_heads * c.head_dim * c.hidden_size
-                + 3 * c.hidden_size * c.intermediate_size
-                + 2 * c.hidden_size;
-        let params = c.num_hidden_layers * per_layer + c.vocab_size * c.hidden_size + c.hidden_size;
-        params * self.embed.dtype().size()
+        let norms = (2 * c.num_hidden_layers + 1) * c.hidden_size * size_of::<f32>();
+        let row = self.lm_head.bytes() / c.vocab_size;
+        self.layers.iter().map(DecoderLayer::weight_bytes).sum::<usize>()
+            + self.lm_head.bytes()
+            + norms
+            + row
     }
 
     /// Allocates a KV cache for this model with room for `capacity` positions.
@@ -190,7 +278,7 @@ impl<B: HassBackend> Llama<B> {
 
     /// Logits `[rows, vocab]` of features `[rows, hidden]`.
     pub fn logits(&self, features: Tensor<B, 2>) -> Tensor<B, 2> {
-        mm(features, &self.lm_head_t)
+        self.lm_head.forward(features)
     }
 
     /// One forward over `tokens` at `positions`, on top of the `cache.len()` committed
@@ -262,13 +350,24 @@ impl<B: HassBackend> Llama<B> {
                 "token id {bad} is outside the vocabulary of {vocab}"
             )));
         }
-        let ids = Tensor::<B, 1, Int>::from_data(
-            TensorData::new(
-                tokens.iter().map(|&x| x as i32).collect::<Vec<_>>(),
-                [tokens.len()],
-            ),
-            &self.device,
-        );
-        Ok(self.embed.clone().select(0, ids).cast(DType::F32))
+        match &self.embed {
+            Embedding::Dense(e) => {
+                let ids = Tensor::<B, 1, Int>::from_data(
+                    TensorData::new(
+                        tokens.iter().map(|&x| x as i32).collect::<Vec<_>>(),
+                        [tokens.len()],
+                    ),
+                    &self.device,
+                );
+                Ok(e.clone().select(0, ids).cast(DType::F32))
+            }
+            Embedding::Quant(q) => {
+                let ids: Vec<usize> = tokens.iter().map(|&x| x as usize).collect();
+                Ok(Tensor::from_data(
+                    TensorData::new(q.dequantize_rows(&ids)?, [tokens.len(), q.cols()]),
+                    &self.device,
+                ))
+            }
+        }
     }
 }

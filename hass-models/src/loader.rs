@@ -8,13 +8,19 @@ use burn::prelude::*;
 use burn::tensor::DType;
 use hass_core::{HassError, Result};
 
+use std::sync::Arc;
+
+use crate::linear::Linear;
+use crate::quant::{QMatrix, QType, QuantMode};
 use crate::weights::WeightSource;
 
 /// Checked reads from a [`WeightSource`] (shared by every model that loads weights).
 pub struct Loader<'a> {
     pub source: &'a dyn WeightSource,
-    /// Storage dtype of the matrices.
+    /// Storage dtype of the dense matrices.
     pub dtype: DType,
+    /// How [`Loader::linear`] keeps projections: dense (`None`) or quantized.
+    pub quant: Option<QuantMode>,
     used: RefCell<HashSet<String>>,
 }
 
@@ -23,7 +29,16 @@ impl<'a> Loader<'a> {
         Loader {
             source,
             dtype,
+            quant: None,
             used: RefCell::new(HashSet::new()),
+        }
+    }
+
+    /// A loader whose projections ([`Loader::linear`]) stay block-quantized.
+    pub fn quantized(source: &'a dyn WeightSource, dtype: DType, mode: QuantMode) -> Self {
+        Loader {
+            quant: Some(mode),
+            ..Self::new(source, dtype)
         }
     }
 
@@ -49,6 +64,23 @@ impl<'a> Loader<'a> {
         shape: &[usize],
         read: impl FnOnce(&str) -> Result<Vec<T>>,
     ) -> Result<Vec<T>> {
+        self.check_shape(name, shape)?;
+        let data = read(name)?;
+        if data.len() != shape.iter().product::<usize>() {
+            return Err(HassError::malformed(
+                self.source.describe(),
+                format!(
+                    "tensor `{name}` holds {} values for shape {shape:?}",
+                    data.len()
+                ),
+            ));
+        }
+        self.skip(name);
+        Ok(data)
+    }
+
+    /// Errors unless `name` is present with `shape`.
+    fn check_shape(&self, name: &str, shape: &[usize]) -> Result<()> {
         let found = self
             .source
             .shape(name)
@@ -64,18 +96,7 @@ impl<'a> Loader<'a> {
                 found,
             });
         }
-        let data = read(name)?;
-        if data.len() != shape.iter().product::<usize>() {
-            return Err(HassError::malformed(
-                self.source.describe(),
-                format!(
-                    "tensor `{name}` holds {} values for shape {shape:?}",
-                    data.len()
-                ),
-            ));
-        }
-        self.skip(name);
-        Ok(data)
+        Ok(())
     }
 
     /// A 1-D f32 tensor (norm weights and biases stay f32).
@@ -130,6 +151,41 @@ impl<'a> Loader<'a> {
             TensorData::new(out, [d_in, total]),
             (dev, self.dtype),
         ))
+    }
+
+    /// HF `[out, in]` matrices with the same `in` as one projection `x · [W₁ W₂ …]`:
+    /// dense and fused ([`Loader::fused_in_out`]), or quantized rows one after another.
+    pub fn linear<B: Backend>(
+        &self,
+        names: &[(String, usize)],
+        d_in: usize,
+        dev: &B::Device,
+    ) -> Result<Linear<B>> {
+        let Some(mode) = self.quant else {
+            return Ok(Linear::Dense(self.fused_in_out(names, d_in, dev)?));
+        };
+        let parts = names
+            .iter()
+            .map(|(name, d_out)| self.qmatrix(name, *d_out, d_in, mode))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Linear::Quant(Arc::new(QMatrix::stack(parts)?)))
+    }
+
+    /// `name` (`[rows, cols]`) as quantized blocks: as stored when the source keeps it
+    /// in a type `mode` accepts, else quantised from its values.
+    pub fn qmatrix(&self, name: &str, rows: usize, cols: usize, mode: QuantMode) -> Result<QMatrix> {
+        self.check_shape(name, &[rows, cols])?;
+        let malformed =
+            |e: HassError| HassError::malformed(self.source.describe(), format!("`{name}`: {e}"));
+        let q = match self.source.read_blocks(name)? {
+            Some((t, bytes)) if mode.keeps(t) => {
+                let ty = QType::from_ggml(t).expect("kept types have kernels");
+                QMatrix::from_blocks(ty, bytes, rows, cols)
+            }
+            _ => QMatrix::quantize(mode.fallback(), &self.read(name, &[rows, cols])?, rows, cols),
+        };
+        self.skip(name);
+        q.map_err(malformed)
     }
 
     /// Concatenated f32 vectors.

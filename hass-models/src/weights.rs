@@ -4,6 +4,8 @@
 
 use hass_core::{HassError, Result};
 
+use crate::gguf::GgmlType;
+
 /// A read-only store of named tensors in the Hugging Face naming and layout.
 pub trait WeightSource {
     /// What to call this source in error messages (usually a path).
@@ -18,6 +20,16 @@ pub trait WeightSource {
     /// vocabulary's `d2t`). The default reads float values and requires them integral.
     fn read_ids(&self, name: &str) -> Result<Vec<i64>> {
         float_ids(self, name)
+    }
+    /// Whether the source stores block-quantized tensors (what `auto` weights keep).
+    fn is_quantized(&self) -> bool {
+        false
+    }
+    /// `name`'s ggml blocks as stored, rows in HF order, when the source keeps
+    /// block-quantized tensors (a GGUF file); `None` when it holds plain values.
+    fn read_blocks(&self, name: &str) -> Result<Option<(GgmlType, Vec<u8>)>> {
+        let _ = name;
+        Ok(None)
     }
 }
 

@@ -47,8 +47,9 @@ struct Args {
     top_p: f32,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Storage dtype of the weight matrices (f16 halves the bytes read per token).
-    #[arg(long, default_value = "f16")]
+    /// Storage of the weight matrices: auto (a GGUF's quantized blocks as stored, on
+    /// the CPU), q4_0, q4_1, q8_0, f16 or f32.
+    #[arg(long, default_value = "auto")]
     dtype: WeightDtype,
 }
 

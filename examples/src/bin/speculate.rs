@@ -56,8 +56,9 @@ struct Args {
     temperature: f32,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Storage dtype of the weight matrices (both decoders use the same).
-    #[arg(long, default_value = "f16")]
+    /// Storage of the weight matrices, both decoders the same: auto (a GGUF's
+    /// quantized blocks as stored, on the CPU), q4_0, q4_1, q8_0, f16 or f32.
+    #[arg(long, default_value = "auto")]
     dtype: WeightDtype,
 }
 

@@ -320,6 +320,17 @@ impl WeightSource for GgufWeights {
         self.info(name).map(GgufTensorInfo::shape_hf)
     }
 
+    fn is_quantized(&self) -> bool {
+        self.names
+            .values()
+            .any(|&i| self.file.tensors()[i].ggml_type.block_size() > 1)
+    }
+
+    fn read_blocks(&self, name: &str) -> Result<Option<(GgmlType, Vec<u8>)>> {
+        let raw = self.read_raw(name)?;
+        Ok(Some((raw.ggml_type, raw.bytes.into_owned())))
+    }
+
     fn read_f32(&self, name: &str) -> Result<Vec<f32>> {
         let info = self.info_or_missing(name)?;
         let values = self.file.dequantize_info(info)?;

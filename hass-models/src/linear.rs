@@ -1,0 +1,65 @@
+//! A projection's weights: a dense Burn tensor, or ggml blocks kept quantized.
+
+use std::sync::Arc;
+
+use burn::prelude::*;
+
+use crate::backend::HassBackend;
+use crate::quant::QMatrix;
+
+/// The weights of `y = x · W`.
+#[derive(Debug, Clone)]
+pub enum Linear<B: Backend> {
+    /// `[in, out]` in the storage dtype (f32 or f16).
+    Dense(Tensor<B, 2>),
+    /// `[out, in]` blocks (HF layout: one row per output), on the host.
+    Quant(Arc<QMatrix>),
+}
+
+impl<B: HassBackend> Linear<B> {
+    /// `x [m, in] · W` in f32.
+    pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        match self {
+            Linear::Dense(w) => B::project(x, w),
+            Linear::Quant(w) => B::project_quant(x, w),
+        }
+    }
+
+    /// `(in, out)`.
+    pub fn dims(&self) -> (usize, usize) {
+        match self {
+            Linear::Dense(w) => {
+                let [i, o] = w.dims();
+                (i, o)
+            }
+            Linear::Quant(q) => (q.cols(), q.rows()),
+        }
+    }
+
+    /// Bytes one product reads.
+    pub fn bytes(&self) -> usize {
+        match self {
+            Linear::Dense(w) => w.shape().num_elements() * w.dtype().size(),
+            Linear::Quant(q) => q.bytes(),
+        }
+    }
+
+    /// The weights as HF `[out, in]` matrices, split at the given output counts (a
+    /// fused matrix's parts), in f32.
+    pub fn hf_parts(&self, outs: &[usize]) -> Vec<Vec<f32>> {
+        match self {
+            Linear::Dense(w) => crate::loader::unfuse(w, outs),
+            Linear::Quant(q) => {
+                let all = q.dequantize();
+                let mut at = 0;
+                outs.iter()
+                    .map(|&o| {
+                        let part = all[at..at + o * q.cols()].to_vec();
+                        at += o * q.cols();
+                        part
+                    })
+                    .collect()
+            }
+        }
+    }
+}
