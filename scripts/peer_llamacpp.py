@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import llama_cpp
 from llama_cpp import Llama
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
@@ -44,13 +45,19 @@ def load(args):
     return llm, time.perf_counter() - t0
 
 
+def last_logits(llm):
+    """The logits of the last evaluated token (llama.cpp's own buffer, no copy)."""
+    ptr = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+    return np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),))
+
+
 def greedy(llm, prompt, max_new, stop):
     """Prefill `prompt`, then greedy tokens until `stop` or `max_new`; the new ids."""
     llm.reset()
     llm.eval(prompt)
     out = []
     while len(out) < max_new:
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        tok = int(np.argmax(last_logits(llm)))
         if tok == stop:
             break
         out.append(tok)
@@ -115,11 +122,11 @@ def cmd_speed(args):
     t0 = time.perf_counter()
     llm.eval(prompt)
     prefill_s = time.perf_counter() - t0
-    tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    tok = int(np.argmax(last_logits(llm)))
     t0 = time.perf_counter()
     for _ in range(args.decode_tokens):
         llm.eval([tok])
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        tok = int(np.argmax(last_logits(llm)))
     decode_s = time.perf_counter() - t0
     report = {
         "engine": "llama.cpp (llama-cpp-python)",

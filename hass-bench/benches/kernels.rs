@@ -16,7 +16,10 @@
 //!   top-k already known, `depth` draft steps, selection) for the `speculate` default
 //!   tree and `TreeParams::default()` (the reference `total_token = 60`);
 //! - `tree_construction/{15-4-4,59-5-10,60-6-10}`: `TreeBuilder` growth plus `finish`
-//!   on synthetic deterministic log-probs (host code only, no model).
+//!   on synthetic deterministic log-probs (host code only, no model);
+//! - `projections/{1,2,4,8,64}`: the 120 layer projections of one SmolLM2 forward over
+//!   M rows (30 layers of q/k/v, o, gate/up and down matrices of random Q4_1 blocks,
+//!   66 MB: cold in cache as in decoding) through `hass_models::quant::qmatmul`.
 //!
 //! The draft head is randomly initialised (`DraftHead::random`): its weights do not
 //! change the cost of a step. Every forward truncates its cache back, so each iteration
@@ -341,9 +344,52 @@ fn model_benches(c: &mut Criterion) {
     group.finish();
 }
 
+/// SmolLM2's projections `(out, in)` of one layer: q/k/v fused, o, gate/up, down.
+const LAYER_SHAPES: [(usize, usize); 4] = [(960, 576), (576, 576), (3072, 576), (576, 1536)];
+
+fn projections(c: &mut Criterion) {
+    use hass_models::quant::{qmatmul, QMatrix, QType};
+    let mut rng = Lcg(7);
+    let layers: Vec<Vec<QMatrix>> = (0..30)
+        .map(|_| {
+            LAYER_SHAPES
+                .iter()
+                .map(|&(n, k)| {
+                    let w: Vec<f32> = (0..n * k).map(|_| rng.unit() - 0.5).collect();
+                    QMatrix::quantize(QType::Q4_1, &w, n, k).expect("quantize")
+                })
+                .collect()
+        })
+        .collect();
+    let mut group = c.benchmark_group("projections");
+    group
+        .sample_size(10)
+        .sampling_mode(SamplingMode::Flat)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(2));
+    for m in [1usize, 2, 4, 8, 64] {
+        let x: Vec<f32> = (0..m * 1536).map(|_| rng.unit() - 0.5).collect();
+        let mut out = vec![0f32; m * 3072];
+        group.throughput(Throughput::Elements(m as u64));
+        group.bench_function(BenchmarkId::from_parameter(m), |b| {
+            b.iter(|| {
+                for layer in &layers {
+                    for w in layer {
+                        let k = w.cols();
+                        qmatmul(&x[..m * k], m, w, &mut out[..m * w.rows()]);
+                    }
+                }
+                black_box(&out);
+            })
+        });
+    }
+    group.finish();
+}
+
 fn main() {
     let mut c = Criterion::default().configure_from_args();
     tree_construction(&mut c);
+    projections(&mut c);
     model_benches(&mut c);
     c.final_summary();
 }

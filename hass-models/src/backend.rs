@@ -28,6 +28,14 @@ pub trait HassBackend: Backend {
         matmul(x, w)
     }
 
+    /// `buf` (`[1, heads, capacity, d]`) with `rows` (`[1, heads, t, d]`) written at
+    /// positions `start..start + t`: how the KV cache appends. The default is Burn's
+    /// `slice_assign`.
+    fn write_rows(buf: Tensor<Self, 4>, start: usize, rows: Tensor<Self, 4>) -> Tensor<Self, 4> {
+        let [b, h, t, d] = rows.dims();
+        buf.slice_assign([0..b, 0..h, start..start + t, 0..d], rows)
+    }
+
     /// Whether [`HassBackend::project_quant`] has a kernel of its own here: `auto`
     /// weights stay quantized only where it does.
     const QUANT_KERNELS: bool = false;
@@ -56,7 +64,7 @@ fn matmul<B: Backend>(x: Tensor<B, 2>, w: &Tensor<B, 2>) -> Tensor<B, 2> {
 /// Revision of the CPU kernels and their threading: part of the key of anything cached
 /// from timings (the tree tuner's cost profiles), so an engine whose costs changed
 /// measures again. Bump it with every change that moves a decode or verify cost.
-pub const COST_REVISION: u32 = 3;
+pub const COST_REVISION: u32 = 4;
 
 /// Products with at most this many rows use [`small_m`] on the CPU. Tree verification
 /// stays below it, so decode steps and verifications share one kernel — whose rows do
@@ -92,6 +100,30 @@ impl HassBackend for Flex {
             return matmul(x, w);
         };
         on_host(x, n, |xs, out| small_m::matmul(xs, m, k, weights, n, out))
+    }
+
+    /// In place when `buf` is uniquely owned: burn-flex 0.21's `slice_assign` always
+    /// copies the whole buffer (it clones its input to make it contiguous, then writes
+    /// through a shared handle), which made every decode step copy the whole KV cache.
+    fn write_rows(buf: Tensor<Self, 4>, start: usize, rows: Tensor<Self, 4>) -> Tensor<Self, 4> {
+        let ([_, h, cap, d], [_, rh, t, rd]) = (buf.dims(), rows.dims());
+        let mut bp: FlexTensor = buf.into_primitive().tensor();
+        let rp: FlexTensor = rows.clone().into_primitive().tensor().to_contiguous();
+        let fits = rh == h && rd == d && start + t <= cap && bp.layout().start_offset() == 0;
+        if let (true, DType::F32, DType::F32, true) =
+            (fits, bp.dtype(), rp.dtype(), bp.is_contiguous())
+        {
+            let src = rp.as_slice::<f32>().expect("contiguous");
+            if let Some(dst) = bp.try_storage_mut::<f32>() {
+                for head in 0..h {
+                    dst[(head * cap + start) * d..(head * cap + start + t) * d]
+                        .copy_from_slice(&src[head * t * d..(head + 1) * t * d]);
+                }
+                return Tensor::from_primitive(TensorPrimitive::Float(bp));
+            }
+        }
+        let buf = Tensor::from_primitive(TensorPrimitive::Float(bp));
+        buf.slice_assign([0..1, 0..rh, start..start + t, 0..rd], rows)
     }
 
     const QUANT_KERNELS: bool = true;

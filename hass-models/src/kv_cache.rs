@@ -9,6 +9,8 @@
 use burn::prelude::*;
 use hass_core::{HassError, Result};
 
+use crate::backend::HassBackend;
+
 /// Keys and values of every layer, `[1, n_kv_heads, capacity, head_dim]` each.
 #[derive(Debug, Clone)]
 pub struct KvCache<B: Backend> {
@@ -18,7 +20,7 @@ pub struct KvCache<B: Backend> {
     capacity: usize,
 }
 
-impl<B: Backend> KvCache<B> {
+impl<B: HassBackend> KvCache<B> {
     /// Allocates a zeroed cache for `layers` layers holding up to `capacity` positions.
     pub fn new(
         layers: usize,
@@ -77,12 +79,11 @@ impl<B: Backend> KvCache<B> {
     ) -> (Tensor<B, 4>, Tensor<B, 4>) {
         let [_, h, t, d] = k.dims();
         let end = self.len + t;
-        let range = [0..1, 0..h, self.len..end, 0..d];
         // Take the buffers out so they are uniquely owned and written in place.
         let keys = std::mem::replace(&mut self.keys[layer], k.clone());
-        self.keys[layer] = keys.slice_assign(range.clone(), k);
+        self.keys[layer] = B::write_rows(keys, self.len, k);
         let values = std::mem::replace(&mut self.values[layer], v.clone());
-        self.values[layer] = values.slice_assign(range, v);
+        self.values[layer] = B::write_rows(values, self.len, v);
         let view = [0..1, 0..h, 0..end, 0..d];
         (
             self.keys[layer].clone().slice(view.clone()),
@@ -127,10 +128,9 @@ impl<B: Backend> KvCache<B> {
                 &device,
             );
             for buf in self.keys.iter_mut().chain(self.values.iter_mut()) {
-                let [_, h, _, d] = buf.dims();
                 let rows = buf.clone().select(2, idx.clone());
                 let owned = std::mem::replace(buf, rows.clone());
-                *buf = owned.slice_assign([0..1, 0..h, dst_start..dst_end, 0..d], rows);
+                *buf = B::write_rows(owned, dst_start, rows);
             }
         }
         self.len = dst_end;
@@ -147,5 +147,36 @@ impl<B: Backend> KvCache<B> {
     pub fn values(&self, layer: usize, end: usize) -> Tensor<B, 4> {
         let [_, h, _, d] = self.values[layer].dims();
         self.values[layer].clone().slice([0..1, 0..h, 0..end, 0..d])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::backend::Flex;
+
+    use super::*;
+
+    /// The address of layer 0's key buffer.
+    fn keys_ptr(c: &KvCache<Flex>) -> usize {
+        let t = c.keys[0].clone().into_primitive().tensor();
+        t.as_slice::<f32>().expect("f32").as_ptr() as usize
+    }
+
+    /// Appending writes the new rows into the preallocated buffers: a decode step must
+    /// not copy the whole cache (on burn-flex a buffer is written in place only while
+    /// nothing else holds it).
+    #[test]
+    fn append_writes_in_place() {
+        let dev = Default::default();
+        let mut c = KvCache::<Flex>::new(1, 2, 4, 16, &dev);
+        let mut ptrs = Vec::new();
+        for _ in 0..4 {
+            let kv = Tensor::<Flex, 4>::ones([1, 2, 1, 4], &dev);
+            let (k, v) = c.append(0, kv.clone(), kv);
+            drop((k, v));
+            c.advance(1);
+            ptrs.push(keys_ptr(&c));
+        }
+        assert!(ptrs.windows(2).all(|w| w[0] == w[1]), "{ptrs:?}");
     }
 }

@@ -9,8 +9,8 @@
 //! * lane `l` (0..8) of block `b` is the exact integer sum over weights `4l..4l+4`;
 //! * it is multiply-added, `fma(lane, d_w · d_x, acc)`, into accumulator lane `l` of
 //!   the even or the odd blocks (two chains, as two vector registers);
-//! * Q4_1's offsets add `fma(m_w, d_x · Σq_x, macc)` block by block into a third chain;
-//! * the end is `((even + odd)` folded `8 → 4 → 2 → 1) + macc`.
+//! * Q4_1's offsets add `fma(m_w, d_x · Σq_x, macc)` into an even and an odd chain;
+//! * the end is `((even + odd)` folded `8 → 4 → 2 → 1) + (macc_even + macc_odd)`.
 //!
 //! Nothing in it depends on `m`, the row's position, the tiling or the threads, so a
 //! token verified in a tree gets bitwise the logits it gets decoded alone, and greedy
@@ -58,7 +58,10 @@ fn quantize_acts(x: &[f32], m: usize, k: usize) -> QActs {
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
         let mut sum = 0i32;
         for (q, &v) in qb.iter_mut().zip(xb) {
-            *q = (v * id).round_ties_even().clamp(-127.0, 127.0) as i8;
+            // Adding and subtracting 1.5 · 2²³ rounds |v| < 2²² to the nearest integer,
+            // ties to even: `round_ties_even` without a libm call, so it vectorises.
+            const ROUND: f32 = 12_582_912.0;
+            *q = (((v * id).clamp(-127.0, 127.0) + ROUND) - ROUND) as i8;
             sum += *q as i32;
         }
         a.d[bi] = d;
@@ -254,49 +257,93 @@ fn f16_at(p: &[u8], o: usize) -> f32 {
 
 /// The row-tile kernels of one instruction set.
 trait Tile {
-    /// Outputs `(r0 + r, j)` for `r < R` of weight row `w` (`nb` blocks of kind `K`).
-    unsafe fn tile<K: Kind, const R: usize>(w: *const u8, a: &QActs, r0: usize) -> [f32; R];
+    /// Outputs `(r0 + r, j + c)` for `r < R`, `c < RW`: `RW` weight rows from `w`,
+    /// `row_bytes` apart (`nb` blocks of kind `K` each). Several weight rows give a one-
+    /// or two-row product independent chains to overlap.
+    unsafe fn tile<K: Kind, const R: usize, const RW: usize>(
+        w: *const u8,
+        row_bytes: usize,
+        a: &QActs,
+        r0: usize,
+    ) -> [[f32; R]; RW];
 }
 
-/// Loop nest shared by every instruction set: `MC`-row chunks, weight rows, row tiles.
+/// Loop nest shared by every instruction set: `MC`-row chunks, then weight rows, each
+/// with full `MR`-row tiles; the rows left (1..3) take several weight rows at once.
 #[inline(always)]
 unsafe fn span<T: Tile, K: Kind>(job: &Job<'_>, s: Span) {
     let (m, n, a) = (job.m, job.w.rows, job.acts);
+    let put = |r0: usize, j: usize, v: &[f32]| {
+        for (r, &v) in v.iter().enumerate() {
+            // SAFETY: `(r0 + r, j)` is inside `out`, in this part's columns.
+            unsafe { *job.out.0.add((r0 + r) * n + j) = v };
+        }
+    };
     for c0 in (0..m).step_by(MC) {
         let c1 = (c0 + MC).min(m);
-        for jr in 0..s.rows {
+        let left = c0 + (c1 - c0) / MR * MR;
+        let mut jr = 0;
+        while jr < s.rows {
             let w = unsafe { s.w.add(jr * s.row_bytes) };
             let j = s.col0 + jr;
-            let put = |r0: usize, v: &[f32]| {
-                for (r, &v) in v.iter().enumerate() {
-                    // SAFETY: `(r0 + r, j)` is inside `out`, in this part's columns.
-                    unsafe { *job.out.0.add((r0 + r) * n + j) = v };
-                }
-            };
+            let rb = s.row_bytes;
             let mut r0 = c0;
             unsafe {
-                while r0 + MR <= c1 {
-                    put(r0, &T::tile::<K, MR>(w, a, r0));
+                while r0 < left {
+                    put(r0, j, &T::tile::<K, MR, 1>(w, rb, a, r0)[0]);
                     r0 += MR;
                 }
-                match c1 - r0 {
-                    1 => put(r0, &T::tile::<K, 1>(w, a, r0)),
-                    2 => put(r0, &T::tile::<K, 2>(w, a, r0)),
-                    3 => put(r0, &T::tile::<K, 3>(w, a, r0)),
-                    _ => {}
+                let wide = s.rows - jr >= 4;
+                let done = match (c1 - left, wide) {
+                    (1, true) => {
+                        for (c, v) in T::tile::<K, 1, 4>(w, rb, a, r0).iter().enumerate() {
+                            put(r0, j + c, v);
+                        }
+                        4
+                    }
+                    (2, true) => {
+                        for (c, v) in T::tile::<K, 2, 2>(w, rb, a, r0).iter().enumerate() {
+                            put(r0, j + c, v);
+                        }
+                        2
+                    }
+                    (1, false) => {
+                        put(r0, j, &T::tile::<K, 1, 1>(w, rb, a, r0)[0]);
+                        1
+                    }
+                    (2, false) => {
+                        put(r0, j, &T::tile::<K, 2, 1>(w, rb, a, r0)[0]);
+                        1
+                    }
+                    (3, _) => {
+                        put(r0, j, &T::tile::<K, 3, 1>(w, rb, a, r0)[0]);
+                        1
+                    }
+                    _ => 1,
+                };
+                // Weight rows the wide tile covered have their full tiles still to do.
+                for c in 1..done {
+                    let wc = w.add(c * rb);
+                    let mut r0 = c0;
+                    while r0 < left {
+                        put(r0, j + c, &T::tile::<K, MR, 1>(wc, rb, a, r0)[0]);
+                        r0 += MR;
+                    }
                 }
+                jr += done;
             }
         }
     }
 }
 
-/// The end of every output: `((even + odd)` folded `8 → 4 → 2 → 1) + macc`.
+/// The end of every output: `((even + odd)` folded `8 → 4 → 2 → 1) + (macc_even +
+/// macc_odd)`.
 #[inline(always)]
-fn finish(even: [f32; 8], odd: [f32; 8], macc: f32) -> f32 {
+fn finish(even: [f32; 8], odd: [f32; 8], macc: [f32; 2]) -> f32 {
     let v: [f32; 8] = std::array::from_fn(|l| even[l] + odd[l]);
     let v4: [f32; 4] = std::array::from_fn(|l| v[l] + v[l + 4]);
     let v2 = [v4[0] + v4[2], v4[1] + v4[3]];
-    (v2[0] + v2[1]) + macc
+    (v2[0] + v2[1]) + (macc[0] + macc[1])
 }
 
 /// Plain Rust: the reference the SIMD kernels match bit for bit.
@@ -304,28 +351,35 @@ struct Portable;
 
 impl Tile for Portable {
     #[inline(always)]
-    unsafe fn tile<K: Kind, const R: usize>(w: *const u8, a: &QActs, r0: usize) -> [f32; R] {
+    unsafe fn tile<K: Kind, const R: usize, const RW: usize>(
+        w: *const u8,
+        row_bytes: usize,
+        a: &QActs,
+        r0: usize,
+    ) -> [[f32; R]; RW] {
         let nb = a.nb;
-        let w = unsafe { std::slice::from_raw_parts(w, nb * K::BYTES) };
-        let mut acc = [[[0f32; 8]; 2]; R];
-        let mut macc = [0f32; R];
-        for (b, blk) in w.chunks_exact(K::BYTES).enumerate() {
-            let dw = f16_at(blk, 0);
-            let wq: [i32; BLOCK] = std::array::from_fn(|e| K::weight(blk, e));
-            for r in 0..R {
-                let i = (r0 + r) * nb + b;
-                let xq = &a.q[i * BLOCK..(i + 1) * BLOCK];
-                let s = dw * a.d[i];
-                for l in 0..8 {
-                    let p: i32 = (4 * l..4 * l + 4).map(|e| wq[e] * xq[e] as i32).sum();
-                    acc[r][b & 1][l] = (p as f32).mul_add(s, acc[r][b & 1][l]);
-                }
-                if !K::SIGNED {
-                    macc[r] = f16_at(blk, 2).mul_add(a.t[i], macc[r]);
+        std::array::from_fn(|c| {
+            let w = unsafe { std::slice::from_raw_parts(w.add(c * row_bytes), nb * K::BYTES) };
+            let mut acc = [[[0f32; 8]; 2]; R];
+            let mut macc = [[0f32; 2]; R];
+            for (b, blk) in w.chunks_exact(K::BYTES).enumerate() {
+                let dw = f16_at(blk, 0);
+                let wq: [i32; BLOCK] = std::array::from_fn(|e| K::weight(blk, e));
+                for r in 0..R {
+                    let i = (r0 + r) * nb + b;
+                    let xq = &a.q[i * BLOCK..(i + 1) * BLOCK];
+                    let s = dw * a.d[i];
+                    for l in 0..8 {
+                        let p: i32 = (4 * l..4 * l + 4).map(|e| wq[e] * xq[e] as i32).sum();
+                        acc[r][b & 1][l] = (p as f32).mul_add(s, acc[r][b & 1][l]);
+                    }
+                    if !K::SIGNED {
+                        macc[r][b & 1] = f16_at(blk, 2).mul_add(a.t[i], macc[r][b & 1]);
+                    }
                 }
             }
-        }
-        std::array::from_fn(|r| finish(acc[r][0], acc[r][1], macc[r]))
+            std::array::from_fn(|r| finish(acc[r][0], acc[r][1], macc[r]))
+        })
     }
 }
 
@@ -370,82 +424,92 @@ mod x86 {
         }
     }
 
+    /// A broadcast load: `_mm_cvtsi32_si128` let LLVM insert the bits into a live
+    /// register (`vpinsrw`), chaining every block's scale on the previous one.
     #[inline(always)]
     unsafe fn f16_at(p: *const u8) -> f32 {
         unsafe {
-            let bits = (p as *const u16).read_unaligned();
-            _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+            let bits = (p as *const i16).read_unaligned();
+            _mm_cvtss_f32(_mm_cvtph_ps(_mm_set1_epi16(bits)))
         }
     }
 
     /// `finish` on vector registers.
     #[inline(always)]
-    unsafe fn finish(even: __m256, odd: __m256, macc: f32) -> f32 {
+    unsafe fn finish(even: __m256, odd: __m256, macc: [f32; 2]) -> f32 {
         unsafe {
             let v = _mm256_add_ps(even, odd);
             let v4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
             let v2 = _mm_add_ps(v4, _mm_movehl_ps(v4, v4));
             let v1 = _mm_add_ss(v2, _mm_shuffle_ps(v2, v2, 1));
-            _mm_cvtss_f32(v1) + macc
+            _mm_cvtss_f32(v1) + (macc[0] + macc[1])
         }
     }
 
-    /// One block into the accumulators of parity `P` of every row.
+    /// Block `b` of `RW` weight rows into the accumulators of parity `P` of every
+    /// row.
     #[inline(always)]
-    unsafe fn block<K: Kind, const R: usize, const VNNI: bool, const P: usize>(
-        blk: *const u8,
+    unsafe fn block<K: Kind, const R: usize, const RW: usize, const VNNI: bool, const P: usize>(
+        w: *const u8,
+        row_bytes: usize,
         a: &QActs,
         r0: usize,
         b: usize,
-        acc: &mut [[__m256; 2]; R],
-        macc: &mut [f32; R],
+        acc: &mut [[[__m256; 2]; R]; RW],
+        macc: &mut [[[f32; 2]; R]; RW],
     ) {
         unsafe {
-            let w = weights::<K>(blk);
-            let u = if K::SIGNED { _mm256_sign_epi8(w, w) } else { w };
-            let dw = f16_at(blk);
-            let mw = if K::SIGNED { 0.0 } else { f16_at(blk.add(2)) };
-            for r in 0..R {
-                let i = (r0 + r) * a.nb + b;
-                let x = _mm256_loadu_si256(a.q.as_ptr().add(i * BLOCK).cast());
-                let x = if K::SIGNED { _mm256_sign_epi8(x, w) } else { x };
-                let p = _mm256_cvtepi32_ps(dot::<VNNI>(u, x));
-                let s = _mm256_set1_ps(dw * *a.d.get_unchecked(i));
-                acc[r][P] = _mm256_fmadd_ps(p, s, acc[r][P]);
-                if !K::SIGNED {
-                    macc[r] = mw.mul_add(*a.t.get_unchecked(i), macc[r]);
+            for c in 0..RW {
+                let blk = w.add(c * row_bytes + b * K::BYTES);
+                let wv = weights::<K>(blk);
+                let u = if K::SIGNED { _mm256_sign_epi8(wv, wv) } else { wv };
+                let dw = f16_at(blk);
+                let mw = if K::SIGNED { 0.0 } else { f16_at(blk.add(2)) };
+                for r in 0..R {
+                    let i = (r0 + r) * a.nb + b;
+                    let x = _mm256_loadu_si256(a.q.as_ptr().add(i * BLOCK).cast());
+                    let x = if K::SIGNED { _mm256_sign_epi8(x, wv) } else { x };
+                    let p = _mm256_cvtepi32_ps(dot::<VNNI>(u, x));
+                    let s = _mm256_set1_ps(dw * *a.d.get_unchecked(i));
+                    acc[c][r][P] = _mm256_fmadd_ps(p, s, acc[c][r][P]);
+                    if !K::SIGNED {
+                        macc[c][r][P] = mw.mul_add(*a.t.get_unchecked(i), macc[c][r][P]);
+                    }
                 }
             }
         }
     }
 
     #[inline(always)]
-    unsafe fn tile<K: Kind, const R: usize, const VNNI: bool>(
+    unsafe fn tile<K: Kind, const R: usize, const RW: usize, const VNNI: bool>(
         w: *const u8,
+        rb: usize,
         a: &QActs,
         r0: usize,
-    ) -> [f32; R] {
+    ) -> [[f32; R]; RW] {
         unsafe {
-            let mut acc = [[_mm256_setzero_ps(); 2]; R];
-            let mut macc = [0f32; R];
+            let mut acc = [[[_mm256_setzero_ps(); 2]; R]; RW];
+            let mut macc = [[[0f32; 2]; R]; RW];
             let nb = a.nb;
             let mut b = 0;
             while b + 2 <= nb {
-                block::<K, R, VNNI, 0>(w.add(b * K::BYTES), a, r0, b, &mut acc, &mut macc);
-                block::<K, R, VNNI, 1>(
-                    w.add((b + 1) * K::BYTES),
-                    a,
-                    r0,
-                    b + 1,
-                    &mut acc,
-                    &mut macc,
-                );
+                block::<K, R, RW, VNNI, 0>(w, rb, a, r0, b, &mut acc, &mut macc);
+                block::<K, R, RW, VNNI, 1>(w, rb, a, r0, b + 1, &mut acc, &mut macc);
                 b += 2;
             }
             if b < nb {
-                block::<K, R, VNNI, 0>(w.add(b * K::BYTES), a, r0, b, &mut acc, &mut macc);
+                block::<K, R, RW, VNNI, 0>(w, rb, a, r0, b, &mut acc, &mut macc);
             }
-            std::array::from_fn(|r| finish(acc[r][0], acc[r][1], macc[r]))
+            // Plain loops: a closure (`array::from_fn`) is compiled without this
+            // function's target features, so `acc` would live in memory, stored and
+            // reloaded every block.
+            let mut out = [[0f32; R]; RW];
+            for c in 0..RW {
+                for r in 0..R {
+                    out[c][r] = finish(acc[c][r][0], acc[c][r][1], macc[c][r]);
+                }
+            }
+            out
         }
     }
 
@@ -454,15 +518,25 @@ mod x86 {
 
     impl Tile for Avx2 {
         #[inline(always)]
-        unsafe fn tile<K: Kind, const R: usize>(w: *const u8, a: &QActs, r0: usize) -> [f32; R] {
-            unsafe { tile::<K, R, false>(w, a, r0) }
+        unsafe fn tile<K: Kind, const R: usize, const RW: usize>(
+            w: *const u8,
+            rb: usize,
+            a: &QActs,
+            r0: usize,
+        ) -> [[f32; R]; RW] {
+            unsafe { tile::<K, R, RW, false>(w, rb, a, r0) }
         }
     }
 
     impl Tile for Vnni {
         #[inline(always)]
-        unsafe fn tile<K: Kind, const R: usize>(w: *const u8, a: &QActs, r0: usize) -> [f32; R] {
-            unsafe { tile::<K, R, true>(w, a, r0) }
+        unsafe fn tile<K: Kind, const R: usize, const RW: usize>(
+            w: *const u8,
+            rb: usize,
+            a: &QActs,
+            r0: usize,
+        ) -> [[f32; R]; RW] {
+            unsafe { tile::<K, R, RW, true>(w, rb, a, r0) }
         }
     }
 }
