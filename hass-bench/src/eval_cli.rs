@@ -43,7 +43,7 @@ pub struct EvalArgs {
     /// stored, on the CPU), q4_0, q4_1, q8_0, f16 or f32. Every storage runs decode and
     /// verify products through a batch-invariant kernel, so T = 0 outputs stay
     /// identical to vanilla.
-    #[arg(long, default_value = "auto")]
+    #[arg(long, default_value = "f16")]
     pub dtype: WeightDtype,
     /// Folder of the prompt sets [default: the repository's bench-prompts/]
     #[arg(long)]
@@ -61,7 +61,7 @@ pub struct EvalArgs {
     /// Tree: `auto` (per head, from this machine's measured costs and the head's
     /// acceptance; cached in $HASS_CACHE/tuning) or total_tokens,depth,top_k (total
     /// excludes the root).
-    #[arg(long, default_value = "auto")]
+    #[arg(long, default_value = "f16")]
     pub tree: TreeSpec,
     /// Untimed runs of every method on the first question before measuring.
     #[arg(long, default_value_t = 1)]

@@ -178,3 +178,42 @@ fn quantized_weights_track_the_f32_logits() {
         }
     }
 }
+
+/// Positions decoded one at a time and verified together get bitwise the same logits:
+/// what keeps greedy speculative decoding token-identical to vanilla decoding.
+#[test]
+fn one_at_a_time_equals_all_at_once_bitwise() {
+    for dtype in [WeightDtype::F32, WeightDtype::Auto] {
+        let m = model(dtype);
+        // A context long enough for attention's products to be blocked.
+        let ids: Vec<u32> = (0..300).map(|i| (i * 7919 + 13) % 49152).collect();
+        let p = ids.len() - 5;
+        let (pre, new) = ids.split_at(p);
+        let pos: Vec<usize> = (0..ids.len()).collect();
+        let mut cache = m.new_cache(ids.len());
+        m.forward(pre, &pos[..p], &mut cache, None, LogitRows::None)
+            .unwrap();
+        let together = to_vec(
+            m.forward(new, &pos[p..], &mut cache, None, LogitRows::All)
+                .unwrap()
+                .logits
+                .unwrap(),
+        );
+        // A cache of another capacity, as vanilla and speculative decoding allocate.
+        let mut cache = m.new_cache(ids.len() + 37);
+        m.forward(pre, &pos[..p], &mut cache, None, LogitRows::None)
+            .unwrap();
+        let mut alone = Vec::new();
+        for (i, &t) in new.iter().enumerate() {
+            let out = m
+                .forward(&[t], &[p + i], &mut cache, None, LogitRows::All)
+                .unwrap();
+            alone.extend(to_vec(out.logits.unwrap()));
+        }
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        let v = m.config().vocab_size;
+        for (row, (a, b)) in bits(&together).chunks(v).zip(bits(&alone).chunks(v)).enumerate() {
+            assert!(a == b, "{dtype}: row {row} differs");
+        }
+    }
+}

@@ -49,7 +49,7 @@ struct Args {
     seed: u64,
     /// Storage of the weight matrices: auto (a GGUF's quantized blocks as stored, on
     /// the CPU), q4_0, q4_1, q8_0, f16 or f32.
-    #[arg(long, default_value = "auto")]
+    #[arg(long, default_value = "f16")]
     dtype: WeightDtype,
 }
 

@@ -45,7 +45,7 @@ struct Args {
     /// Tree: `auto` (tuned for this machine and head, cached) or
     /// total_tokens,depth,top_k (total excludes the root; EAGLE-2's GPU default is
     /// 59,5,10).
-    #[arg(long, default_value = "auto")]
+    #[arg(long, default_value = "f16")]
     tree: TreeSpec,
     /// Oracle chain depth.
     #[arg(long, default_value_t = 4)]
@@ -58,7 +58,7 @@ struct Args {
     seed: u64,
     /// Storage of the weight matrices, both decoders the same: auto (a GGUF's
     /// quantized blocks as stored, on the CPU), q4_0, q4_1, q8_0, f16 or f32.
-    #[arg(long, default_value = "auto")]
+    #[arg(long, default_value = "f16")]
     dtype: WeightDtype,
 }
 
