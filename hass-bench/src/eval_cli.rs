@@ -129,7 +129,10 @@ fn parse_heads(args: &EvalArgs, default_model: bool) -> Result<Vec<(String, Path
         return DEFAULT_HEADS
             .iter()
             .map(|(n, d)| {
-                let dir = find_data(&format!("heads/{d}"), "or give the heads with --head NAME=DIR")?;
+                let dir = find_data(
+                    &format!("heads/{d}"),
+                    "or give the heads with --head NAME=DIR",
+                )?;
                 Ok((n.to_string(), dir))
             })
             .collect();

@@ -73,7 +73,12 @@ mod tests {
             let turns = if set == "mt_bench" { 2 } else { 1 };
             assert!(qs.iter().all(|q| q.turns.len() == turns), "{set}");
         }
-        assert_eq!(load_set(&default_dir().unwrap(), "qa", Some(3)).unwrap().len(), 3);
+        assert_eq!(
+            load_set(&default_dir().unwrap(), "qa", Some(3))
+                .unwrap()
+                .len(),
+            3
+        );
     }
 
     #[test]

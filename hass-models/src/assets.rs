@@ -85,7 +85,10 @@ const FETCH_SCRIPT: &str = "scripts/fetch_assets.sh";
 /// and its parents (`<checkout>/target/release/serve`, or data unpacked next to an
 /// installed binary).
 fn search_roots() -> Vec<PathBuf> {
-    let mut roots: Vec<PathBuf> = std::env::var_os(HOME_VAR).map(PathBuf::from).into_iter().collect();
+    let mut roots: Vec<PathBuf> = std::env::var_os(HOME_VAR)
+        .map(PathBuf::from)
+        .into_iter()
+        .collect();
     let cwd = std::env::current_dir().ok();
     let exe = std::env::current_exe()
         .ok()

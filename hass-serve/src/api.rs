@@ -166,7 +166,10 @@ impl ChatRequest {
     /// The messages as the chat template takes them.
     pub fn chat_messages(&self) -> Result<Vec<ChatMessage>, ApiError> {
         if self.messages.is_empty() {
-            return Err(ApiError::invalid(Some("messages"), "messages must not be empty"));
+            return Err(ApiError::invalid(
+                Some("messages"),
+                "messages must not be empty",
+            ));
         }
         self.messages
             .iter()
@@ -180,7 +183,9 @@ impl ChatRequest {
                             ("text", Some(t)) => Ok(t.as_str()),
                             (kind, _) => Err(ApiError::invalid(
                                 Some("messages"),
-                                format!("content parts of type `{kind}` are not supported (text only)"),
+                                format!(
+                                    "content parts of type `{kind}` are not supported (text only)"
+                                ),
                             )),
                         })
                         .collect::<Result<String, _>>()?,
@@ -228,8 +233,15 @@ impl Params {
         if self.n.is_some_and(|n| n != 1) {
             return Err(ApiError::invalid(Some("n"), "only n = 1 is supported"));
         }
-        if self.logprobs.as_ref().is_some_and(|l| !l.is_null() && l != &json!(false)) {
-            return Err(ApiError::invalid(Some("logprobs"), "logprobs are not supported"));
+        if self
+            .logprobs
+            .as_ref()
+            .is_some_and(|l| !l.is_null() && l != &json!(false))
+        {
+            return Err(ApiError::invalid(
+                Some("logprobs"),
+                "logprobs are not supported",
+            ));
         }
         let temperature = self.temperature.unwrap_or(1.0);
         if !(0.0..=2.0).contains(&temperature) {
@@ -288,7 +300,10 @@ impl Params {
         if stop.len() > MAX_STOP_STRINGS {
             return Err(ApiError::invalid(
                 Some("stop"),
-                format!("at most {MAX_STOP_STRINGS} stop strings, got {}", stop.len()),
+                format!(
+                    "at most {MAX_STOP_STRINGS} stop strings, got {}",
+                    stop.len()
+                ),
             ));
         }
         Ok(Validated {
@@ -339,7 +354,9 @@ mod tests {
             assert_eq!(e.param, Some(field), "{body}: {e}");
             assert_eq!(e.body()["error"]["type"], "invalid_request_error");
         }
-        let e = params(r#"{"max_tokens": 91}"#).validate(10, 100, 256, 0).unwrap_err();
+        let e = params(r#"{"max_tokens": 91}"#)
+            .validate(10, 100, 256, 0)
+            .unwrap_err();
         assert_eq!(e.code, Some("context_length_exceeded"));
     }
 
@@ -348,7 +365,10 @@ mod tests {
         let v = params(r#"{"temperature": 0, "top_p": 0.5, "max_tokens": 90, "stop": "x", "seed": 3, "stream": true, "stream_options": {"include_usage": true}}"#)
             .validate(10, 100, 256, 0)
             .unwrap();
-        assert_eq!((v.max_tokens, v.sampling.seed, v.sampling.top_p), (90, 3, 0.5));
+        assert_eq!(
+            (v.max_tokens, v.sampling.seed, v.sampling.top_p),
+            (90, 3, 0.5)
+        );
         assert_eq!(v.stop, vec!["x".to_string()]);
         assert!(v.stream && v.include_usage);
     }
@@ -369,7 +389,8 @@ mod tests {
         .unwrap();
         assert_eq!(r.chat_messages().unwrap()[0].content, "ab");
         let r: ChatRequest =
-            parse(br#"{"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}"#).unwrap();
+            parse(br#"{"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}"#)
+                .unwrap();
         assert_eq!(r.chat_messages().unwrap_err().param, Some("messages"));
     }
 }

@@ -16,7 +16,9 @@ use hass_core::HassError;
 use hass_infer::tuning::TreeSpec;
 use hass_infer::{GenerationConfig, Generator, SpeculativeGenerator, StopReason, VanillaGenerator};
 use hass_models::assets::{ensure, find_data, Asset, DEFAULT_HEAD};
-use hass_models::{default_device, load_model, DefaultBackend, DraftHead, LoadedModel, WeightDtype};
+use hass_models::{
+    default_device, load_model, DefaultBackend, DraftHead, LoadedModel, WeightDtype,
+};
 use serde::Serialize;
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -280,7 +282,11 @@ fn run(
                     return;
                 }
             };
-            match SpeculativeGenerator::builder(&loaded.model).head(h).tree(tree).build() {
+            match SpeculativeGenerator::builder(&loaded.model)
+                .head(h)
+                .tree(tree)
+                .build()
+            {
                 Ok(g) => g.into(),
                 Err(e) => {
                     let _ = ready.send(Err(load_err("the speculative generator")(e)));

@@ -87,7 +87,12 @@ async fn main() -> Result<()> {
         .await
         .with_context(|| format!("binding {addr}"))?;
     let bound = listener.local_addr()?;
-    let state = Arc::new(AppState::new(engine, info, model_id.clone(), args.default_max_tokens));
+    let state = Arc::new(AppState::new(
+        engine,
+        info,
+        model_id.clone(),
+        args.default_max_tokens,
+    ));
     eprintln!("serving {model_id} ({decoding}) on http://{bound}");
     axum::serve(listener, router(state))
         .with_graceful_shutdown(shutdown())

@@ -38,7 +38,12 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn new(engine: Engine, info: ModelInfo, model_id: String, default_max_tokens: usize) -> Self {
+    pub fn new(
+        engine: Engine,
+        info: ModelInfo,
+        model_id: String,
+        default_max_tokens: usize,
+    ) -> Self {
         AppState {
             engine,
             info,
@@ -78,7 +83,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/models", get(models))
         .route("/health", get(health))
         .fallback(|| async {
-            ApiError::invalid(None, "unknown route").with_code("not_found")
+            ApiError {
+                status: StatusCode::NOT_FOUND,
+                ..ApiError::invalid(None, "unknown route")
+            }
+            .with_code("not_found")
         })
         .with_state(state)
 }
@@ -216,7 +225,10 @@ fn start(
     if let Some(model) = params.model.as_deref().filter(|m| *m != state.model_id) {
         return Err(ApiError::invalid(
             Some("model"),
-            format!("the model `{model}` does not exist; this server has `{}`", state.model_id),
+            format!(
+                "the model `{model}` does not exist; this server has `{}`",
+                state.model_id
+            ),
         )
         .with_code("model_not_found"));
     }
@@ -239,10 +251,11 @@ fn start(
         events,
     };
     state.engine.submit(job).map_err(|e| match e {
-        SubmitError::Busy(_) => {
-            ApiError::server(StatusCode::SERVICE_UNAVAILABLE, format!("server busy: {e}; retry later"))
-                .with_code("overloaded")
-        }
+        SubmitError::Busy(_) => ApiError::server(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("server busy: {e}; retry later"),
+        )
+        .with_code("overloaded"),
         SubmitError::Stopped => ApiError::server(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     })?;
     Ok((v, rx))
@@ -250,7 +263,11 @@ fn start(
 
 /// A non-streamed answer: waits for the whole text. If the client goes away, this
 /// future is dropped with `rx`, which stops the generation.
-async fn complete(state: Arc<AppState>, kind: Kind, mut rx: mpsc::UnboundedReceiver<Event>) -> Response {
+async fn complete(
+    state: Arc<AppState>,
+    kind: Kind,
+    mut rx: mpsc::UnboundedReceiver<Event>,
+) -> Response {
     let mut text = String::new();
     while let Some(event) = rx.recv().await {
         match event {
@@ -272,7 +289,11 @@ async fn complete(state: Arc<AppState>, kind: Kind, mut rx: mpsc::UnboundedRecei
             }
         }
     }
-    ApiError::server(StatusCode::INTERNAL_SERVER_ERROR, "the engine dropped the request").into_response()
+    ApiError::server(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "the engine dropped the request",
+    )
+    .into_response()
 }
 
 /// A streamed answer (server-sent events, as OpenAI sends them): the engine's events

@@ -68,9 +68,8 @@ impl StopMatcher {
 fn partial_match(text: &str, stop: &str) -> usize {
     stop.char_indices()
         .map(|(i, _)| i)
-        .skip(1)
-        .rev()
-        .find(|&k| text.ends_with(&stop[..k]))
+        .filter(|&k| k > 0 && text.ends_with(&stop[..k]))
+        .max()
         .unwrap_or(0)
 }
 
