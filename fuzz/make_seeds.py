@@ -3,7 +3,7 @@
 only to change the seeds). Needs numpy, safetensors and gguf (as
 scripts/make_gguf_fixtures.py does) and the GGUF fixtures in $HASS_CACHE
 (scripts/fetch_assets.sh gguf-fixtures). Multi-part inputs use the harnesses' format:
-each part is a little-endian u32 length, then its bytes (see fuzz/src/lib.rs)."""
+each part is a little-endian u32 length, then its bytes (see hass-fuzz/src/lib.rs)."""
 
 import json
 import os

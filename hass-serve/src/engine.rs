@@ -247,54 +247,20 @@ fn run(
     jobs: Receiver<Job>,
     counters: Arc<Counters>,
 ) {
+    let fail = |e| {
+        let _ = ready.send(Err(e));
+    };
     let loaded = match load(&options) {
         Ok(l) => l,
-        Err(e) => {
-            let _ = ready.send(Err(e));
-            return;
-        }
+        Err(e) => return fail(e),
     };
-    let head = match head_dir(&options.draft, options.model.is_none()) {
-        Ok(Some(dir)) => match DraftHead::load(&dir, &loaded.model) {
-            Ok(h) => Some((dir, h)),
-            Err(e) => {
-                let _ = ready.send(Err(load_err(dir.display().to_string())(e)));
-                return;
-            }
-        },
-        Ok(None) => None,
-        Err(e) => {
-            let _ = ready.send(Err(e));
-            return;
-        }
+    let head = match load_head(&options, &loaded) {
+        Ok(h) => h,
+        Err(e) => return fail(e),
     };
-    let mut generator: Generator<B> = match &head {
-        Some((dir, h)) => {
-            let tree = match options.tree.resolve(&loaded, h, dir, options.dtype) {
-                Ok((tree, auto)) => {
-                    if let Some(a) = auto {
-                        eprintln!("{a}");
-                    }
-                    tree
-                }
-                Err(e) => {
-                    let _ = ready.send(Err(load_err("the draft tree")(e)));
-                    return;
-                }
-            };
-            match SpeculativeGenerator::builder(&loaded.model)
-                .head(h)
-                .tree(tree)
-                .build()
-            {
-                Ok(g) => g.into(),
-                Err(e) => {
-                    let _ = ready.send(Err(load_err("the speculative generator")(e)));
-                    return;
-                }
-            }
-        }
-        None => VanillaGenerator::new(&loaded.model).into(),
+    let mut generator = match build_generator(&options, &loaded, head.as_ref()) {
+        Ok(g) => g,
+        Err(e) => return fail(e),
     };
     let info = ModelInfo {
         tokenizer: loaded.tokenizer.clone(),
@@ -317,6 +283,42 @@ fn run(
         counter.fetch_add(1, Ordering::SeqCst);
         counters.busy.store(false, Ordering::SeqCst);
     }
+}
+
+/// The draft head (and its directory) the options ask for, if any.
+fn load_head(
+    options: &EngineOptions,
+    loaded: &LoadedModel<B>,
+) -> Result<Option<(PathBuf, DraftHead<B>)>, EngineError> {
+    let Some(dir) = head_dir(&options.draft, options.model.is_none())? else {
+        return Ok(None);
+    };
+    let head = DraftHead::load(&dir, &loaded.model).map_err(load_err(dir.display().to_string()))?;
+    Ok(Some((dir, head)))
+}
+
+/// Speculative decoding with `head` (its tree resolved, tuned if `auto`), or vanilla.
+fn build_generator<'a>(
+    options: &EngineOptions,
+    loaded: &'a LoadedModel<B>,
+    head: Option<&'a (PathBuf, DraftHead<B>)>,
+) -> Result<Generator<'a, B>, EngineError> {
+    let Some((dir, head)) = head else {
+        return Ok(VanillaGenerator::new(&loaded.model).into());
+    };
+    let (tree, auto) = options
+        .tree
+        .resolve(loaded, head, dir, options.dtype)
+        .map_err(load_err("the draft tree"))?;
+    if let Some(a) = auto {
+        eprintln!("{a}");
+    }
+    let generator = SpeculativeGenerator::builder(&loaded.model)
+        .head(head)
+        .tree(tree)
+        .build()
+        .map_err(load_err("the speculative generator"))?;
+    Ok(generator.into())
 }
 
 fn load(options: &EngineOptions) -> Result<LoadedModel<B>, EngineError> {

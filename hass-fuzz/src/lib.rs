@@ -4,13 +4,14 @@
 //!
 //! Each harness takes arbitrary bytes and must return without panicking, hanging or
 //! allocating without bound: a parser answers bad input with an error. The
-//! `fuzz_targets/` binaries hand libFuzzer's inputs to them; `tests/replay.rs` runs
-//! the seed corpus (`corpus/<target>/`) and every input that once crashed
-//! (`regressions/<target>/`) through them on stable Rust, so CI needs no nightly.
+//! `fuzz/fuzz_targets/` binaries (cargo-fuzz) hand libFuzzer's inputs to them;
+//! `tests/replay.rs` runs the seed corpus (`fuzz/corpus/<target>/`) and every input
+//! that once crashed (`fuzz/regressions/<target>/`) through them on stable Rust as
+//! part of `cargo test --workspace`, so CI needs no nightly.
 //!
 //! Inputs made of several files or strings use [`parts`]: each part is a
 //! little-endian `u32` length followed by that many bytes (the last part may be
-//! short), which keeps the seeds easy to write (`make_seeds.py`) and lets the fuzzer
+//! short), which keeps the seeds easy to write (`fuzz/make_seeds.py`) and lets the fuzzer
 //! mutate each part on its own.
 
 use std::cell::OnceCell;
@@ -67,9 +68,9 @@ fn exercise_tokenizer(tok: &Tokenizer, sample: &str) {
 /// Reads every small tensor of `source`, as floats and as ids.
 fn read_all(source: &dyn WeightSource) {
     for name in source.tensor_names() {
-        let small = source
-            .shape(&name)
-            .is_some_and(|s| s.iter().try_fold(1usize, |a, &d| a.checked_mul(d)) <= Some(MAX_READ_ELEMENTS));
+        let small = source.shape(&name).is_some_and(|s| {
+            s.iter().try_fold(1usize, |a, &d| a.checked_mul(d)) <= Some(MAX_READ_ELEMENTS)
+        });
         if small {
             let _ = source.read_f32(&name);
             let _ = source.read_ids(&name);
@@ -221,7 +222,10 @@ fn with_target(f: impl FnOnce(&Llama<B>)) {
     }
     TARGET.with(|cell| {
         let target = cell.get_or_init(|| {
-            let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/models/llama3");
+            let dir = concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../tests/fixtures/models/llama3"
+            );
             load_hf_model::<B>(dir, &Default::default()).expect("the llama3 test fixture loads")
         });
         f(target)

@@ -1,11 +1,12 @@
-//! Replays the seed corpus and every input that once crashed a target through the
-//! harnesses, on stable Rust: the cheap CI check that the parsers still answer these
-//! inputs without panicking (the coverage-guided runs need nightly and `cargo fuzz`).
+//! Replays the seed corpus (`fuzz/corpus/<target>/`) and every input that once
+//! crashed or hung a target (`fuzz/regressions/<target>/`) through the harnesses, on
+//! stable Rust: the cheap CI check that the parsers still answer these inputs without
+//! panicking or hanging (the coverage-guided runs need nightly and `cargo fuzz`).
 
 use std::path::Path;
 
 fn replay(target: &str, harness: fn(&[u8])) {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz");
     let mut count = 0;
     for dir in ["corpus", "regressions"] {
         let Ok(entries) = std::fs::read_dir(root.join(dir).join(target)) else {
