@@ -51,7 +51,7 @@ pub struct EngineOptions {
 /// Why the engine did not start.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
-    #[error("loading {what}: {source}")]
+    #[error("loading {what}")]
     Load {
         what: String,
         #[source]
