@@ -55,6 +55,9 @@ const TEMPLATE_NAME: &str = "chat_template";
 /// render that runs out of fuel fails instead of hanging the caller. Real templates
 /// use a few dozen instructions per message, so this leaves room for conversations
 /// of many thousand turns while stopping a runaway render within about a second.
+/// Fuel bounds time, not memory: a template that doubles a string in a recursive
+/// macro still exhausts memory in a few dozen instructions (minijinja has no size
+/// limit), so a template is only as safe as the model file it comes from.
 const TEMPLATE_FUEL: u64 = 20_000_000;
 
 /// Meta's LLaMA-2-chat template, as shipped in `meta-llama/Llama-2-7b-chat-hf`.
