@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use hass_core::tree::TreeParams;
 use hass_infer::tuning::{AutoTree, TreeSpec};
-use hass_models::assets::{ensure, Asset};
+use hass_models::assets::{ensure, find_data, Asset};
 use hass_models::backend::backend_name;
 use hass_models::{default_device, load_model, DefaultBackend, DraftHead, WeightDtype};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -127,11 +127,16 @@ fn parse_heads(args: &EvalArgs, default_model: bool) -> Result<Vec<(String, Path
         if !default_model {
             bail!("give the draft heads of this model with --head NAME=DIR");
         }
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../heads");
-        return Ok(DEFAULT_HEADS
+        return DEFAULT_HEADS
             .iter()
-            .map(|(n, d)| (n.to_string(), root.join(d)))
-            .collect());
+            .map(|(n, d)| {
+                let dir = find_data(
+                    &format!("heads/{d}"),
+                    "or give the heads with --head NAME=DIR",
+                )?;
+                Ok((n.to_string(), dir))
+            })
+            .collect();
     }
     args.heads
         .iter()
@@ -169,7 +174,10 @@ pub fn run_eval(args: EvalArgs) -> Result<()> {
     if heads.is_empty() {
         bail!("no draft heads");
     }
-    let dir = args.prompts.clone().unwrap_or_else(default_dir);
+    let dir = match &args.prompts {
+        Some(d) => d.clone(),
+        None => default_dir()?,
+    };
     let mut questions: Vec<(String, Question)> = Vec::new();
     for set in &args.sets {
         for q in load_set(&dir, set, args.limit)? {

@@ -18,9 +18,10 @@ pub struct Question {
     pub turns: Vec<String>,
 }
 
-/// The repository's copy of the prompt sets.
-pub fn default_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../bench-prompts")
+/// The repository's copy of the prompt sets, found at run time
+/// ([`hass_models::assets::find_data`]).
+pub fn default_dir() -> Result<PathBuf> {
+    hass_models::assets::find_data("bench-prompts", "or give the directory with --prompts DIR")
 }
 
 /// The first `limit` questions (all when `None`) of `dir/{set}.jsonl`.
@@ -67,12 +68,17 @@ mod tests {
     #[test]
     fn repository_sets_load_with_their_turn_counts() {
         for set in SETS {
-            let qs = load_set(&default_dir(), set, None).unwrap();
+            let qs = load_set(&default_dir().unwrap(), set, None).unwrap();
             assert!(qs.len() >= 79, "{set}: {}", qs.len());
             let turns = if set == "mt_bench" { 2 } else { 1 };
             assert!(qs.iter().all(|q| q.turns.len() == turns), "{set}");
         }
-        assert_eq!(load_set(&default_dir(), "qa", Some(3)).unwrap().len(), 3);
+        assert_eq!(
+            load_set(&default_dir().unwrap(), "qa", Some(3))
+                .unwrap()
+                .len(),
+            3
+        );
     }
 
     #[test]

@@ -50,6 +50,16 @@ impl ChatMessage {
 
 const TEMPLATE_NAME: &str = "chat_template";
 
+/// The most template instructions one render may execute. A model file's template
+/// is code: nested loops over strings can take hours (fuzzing found one), so a
+/// render that runs out of fuel fails instead of hanging the caller. Real templates
+/// use a few dozen instructions per message, so this leaves room for conversations
+/// of many thousand turns while stopping a runaway render within about a second.
+/// Fuel bounds time, not memory: a template that doubles a string in a recursive
+/// macro still exhausts memory in a few dozen instructions (minijinja has no size
+/// limit), so a template is only as safe as the model file it comes from.
+const TEMPLATE_FUEL: u64 = 20_000_000;
+
 /// Meta's LLaMA-2-chat template, as shipped in `meta-llama/Llama-2-7b-chat-hf`.
 /// The generation prompt is implicit: a prompt ends with ` [/INST]`.
 const LLAMA2_CHAT: &str = "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}{% set system_message = false %}{% endif %}{% for message in loop_messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}{% if loop.index0 == 0 and system_message != false %}{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}{% else %}{% set content = message['content'] %}{% endif %}{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}";
@@ -96,6 +106,7 @@ impl ChatTemplate {
         let mut env = Environment::new();
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
+        env.set_fuel(Some(TEMPLATE_FUEL));
         env.set_keep_trailing_newline(false);
         env.set_auto_escape_callback(|_| AutoEscape::None);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
@@ -454,6 +465,43 @@ mod tests {
             ChatMessage::assistant("Hello!"),
             ChatMessage::user("What is 2+2?"),
         ]
+    }
+
+    #[test]
+    fn a_runaway_template_fails_instead_of_hanging() {
+        // Ten billion iterations without the fuel bound; the fuzzer's version nested
+        // loops over the characters of strings.
+        let t = ChatTemplate::new(
+            "{% for a in range(100000) %}{% for b in range(100000) %}{{ a }}{% endfor %}{% endfor %}",
+            None,
+            None,
+        )
+        .unwrap();
+        let start = std::time::Instant::now();
+        let err = t.render(&conv(), true).unwrap_err();
+        assert!(
+            matches!(err, HassError::Template(ref m) if m.contains("fuel")),
+            "{err}"
+        );
+        assert!(start.elapsed().as_secs() < 30);
+    }
+
+    #[test]
+    fn fuel_leaves_room_for_long_conversations() {
+        let turns: Vec<ChatMessage> = (0..5000)
+            .map(|i| match i % 2 {
+                0 => ChatMessage::user(format!("question {i}")),
+                _ => ChatMessage::assistant(format!("answer {i}")),
+            })
+            .collect();
+        for t in [
+            ChatTemplate::llama2_chat(),
+            ChatTemplate::llama3_instruct(),
+            ChatTemplate::chatml(),
+        ] {
+            let text = t.render(&turns, true).unwrap();
+            assert!(text.contains("answer 4999"));
+        }
     }
 
     #[test]

@@ -52,6 +52,15 @@ pub enum HassError {
     PromptTooLong { prompt: usize, context: usize },
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// A file that hass ships (a head, the prompt sets, a script) or fetches was not
+    /// found at run time; `looked_in` lists every place searched, `hint` how to point
+    /// hass at it.
+    #[error("{what} not found; looked in {}. {hint}", looked_in.join(", "))]
+    NotFound {
+        what: String,
+        looked_in: Vec<String>,
+        hint: String,
+    },
 }
 
 /// Result alias used throughout hass.

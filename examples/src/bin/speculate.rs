@@ -26,7 +26,7 @@ use hass_core::chat::ChatMessage;
 use hass_core::sampling::SamplingParams;
 use hass_infer::tuning::TreeSpec;
 use hass_infer::{GenerationConfig, SpeculativeGenerator, VanillaGenerator};
-use hass_models::assets::{ensure, Asset};
+use hass_models::assets::{ensure, find_data, Asset, DEFAULT_HEAD};
 use hass_models::{default_device, load_model, DefaultBackend, DraftHead, WeightDtype};
 
 #[derive(Parser, Debug)]
@@ -89,11 +89,9 @@ fn main() -> Result<()> {
 
     let draft = match (&args.draft, default_model) {
         (Some(d), _) => d.clone(),
-        (None, true) => concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../heads/smollm2-hass-v8k-long"
-        )
-        .into(),
+        (None, true) => find_data(DEFAULT_HEAD, "or give a head with --draft DIR")?
+            .display()
+            .to_string(),
         (None, false) => bail!("give this model's draft head with --draft DIR (or oracle/random)"),
     };
     let head;
