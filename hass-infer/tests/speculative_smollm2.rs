@@ -52,8 +52,8 @@ fn setup(dtype: WeightDtype) -> &'static Setup {
         other => panic!("no setup for {other}"),
     };
     cell.get_or_init(|| {
-        let loaded = load_model::<B>(ensure(Asset::SmolLm2).unwrap(), &Default::default(), dtype)
-            .unwrap();
+        let loaded =
+            load_model::<B>(ensure(Asset::SmolLm2).unwrap(), &Default::default(), dtype).unwrap();
         let cases = bench_prompts()
             .iter()
             .map(|text| {
@@ -154,7 +154,10 @@ fn committed_head_is_token_identical_on_quantized_smollm2() {
     }
     let tau = 1.0 + accepted as f64 / rounds as f64;
     println!("committed head on q4_1: tau {tau:.2} over {rounds} rounds");
-    assert!(tau > 1.0, "the trained head never got a draft token accepted");
+    assert!(
+        tau > 1.0,
+        "the trained head never got a draft token accepted"
+    );
 }
 
 #[test]

@@ -130,8 +130,15 @@ impl HassBackend for Flex {
 
     fn project_quant(x: Tensor<Self, 2>, w: &QMatrix) -> Tensor<Self, 2> {
         let [m, k] = x.dims();
-        assert_eq!(k, w.cols(), "{k} activation columns for {} weight columns", w.cols());
-        on_host(x.cast(DType::F32), w.rows(), |xs, out| qmatmul(xs, m, w, out))
+        assert_eq!(
+            k,
+            w.cols(),
+            "{k} activation columns for {} weight columns",
+            w.cols()
+        );
+        on_host(x.cast(DType::F32), w.rows(), |xs, out| {
+            qmatmul(xs, m, w, out)
+        })
     }
 }
 

@@ -195,11 +195,7 @@ impl<B: HassBackend> DecoderLayer<B> {
                 h,
                 dev,
             )?,
-            w_down: ld.linear(
-                &[(format!("{prefix}.mlp.down_proj.weight"), h)],
-                inter,
-                dev,
-            )?,
+            w_down: ld.linear(&[(format!("{prefix}.mlp.down_proj.weight"), h)], inter, dev)?,
         })
     }
 

@@ -258,7 +258,10 @@ impl<B: HassBackend> Llama<B> {
         let c = &self.config;
         let norms = (2 * c.num_hidden_layers + 1) * c.hidden_size * size_of::<f32>();
         let row = self.lm_head.bytes() / c.vocab_size;
-        self.layers.iter().map(DecoderLayer::weight_bytes).sum::<usize>()
+        self.layers
+            .iter()
+            .map(DecoderLayer::weight_bytes)
+            .sum::<usize>()
             + self.lm_head.bytes()
             + norms
             + row

@@ -173,7 +173,13 @@ impl<'a> Loader<'a> {
 
     /// `name` (`[rows, cols]`) as quantized blocks: as stored when the source keeps it
     /// in a type `mode` accepts, else quantised from its values.
-    pub fn qmatrix(&self, name: &str, rows: usize, cols: usize, mode: QuantMode) -> Result<QMatrix> {
+    pub fn qmatrix(
+        &self,
+        name: &str,
+        rows: usize,
+        cols: usize,
+        mode: QuantMode,
+    ) -> Result<QMatrix> {
         self.check_shape(name, &[rows, cols])?;
         let malformed =
             |e: HassError| HassError::malformed(self.source.describe(), format!("`{name}`: {e}"));
@@ -182,7 +188,12 @@ impl<'a> Loader<'a> {
                 let ty = QType::from_ggml(t).expect("kept types have kernels");
                 QMatrix::from_blocks(ty, bytes, rows, cols)
             }
-            _ => QMatrix::quantize(mode.fallback(), &self.read(name, &[rows, cols])?, rows, cols),
+            _ => QMatrix::quantize(
+                mode.fallback(),
+                &self.read(name, &[rows, cols])?,
+                rows,
+                cols,
+            ),
         };
         self.skip(name);
         q.map_err(malformed)

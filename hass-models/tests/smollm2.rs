@@ -167,7 +167,11 @@ fn quantized_weights_track_the_f32_logits() {
         for c in cases() {
             let err = top20_error(&m, &c);
             let got = greedy(&m, &c.ids, c.greedy.len());
-            let agree = got.iter().zip(&c.greedy).take_while(|(a, b)| a == b).count();
+            let agree = got
+                .iter()
+                .zip(&c.greedy)
+                .take_while(|(a, b)| a == b)
+                .count();
             println!(
                 "{dtype} {:?}: top-20 max abs error {err:.3}, greedy agrees for {agree}/{} tokens",
                 c.text,
@@ -212,7 +216,11 @@ fn one_at_a_time_equals_all_at_once_bitwise() {
         }
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         let v = m.config().vocab_size;
-        for (row, (a, b)) in bits(&together).chunks(v).zip(bits(&alone).chunks(v)).enumerate() {
+        for (row, (a, b)) in bits(&together)
+            .chunks(v)
+            .zip(bits(&alone).chunks(v))
+            .enumerate()
+        {
             assert!(a == b, "{dtype}: row {row} differs");
         }
     }

@@ -52,7 +52,11 @@ fn quantize_acts(x: &[f32], m: usize, k: usize) -> QActs {
         d: vec![0.0; m * nb],
         t: vec![0.0; m * nb],
     };
-    for (bi, (xb, qb)) in x.chunks_exact(BLOCK).zip(a.q.chunks_exact_mut(BLOCK)).enumerate() {
+    for (bi, (xb, qb)) in x
+        .chunks_exact(BLOCK)
+        .zip(a.q.chunks_exact_mut(BLOCK))
+        .enumerate()
+    {
         let amax = xb.iter().fold(0f32, |acc, v| acc.max(v.abs()));
         let d = amax / 127.0;
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
@@ -75,7 +79,11 @@ fn quantize_acts(x: &[f32], m: usize, k: usize) -> QActs {
 pub fn qmatmul(x: &[f32], m: usize, w: &QMatrix, out: &mut [f32]) {
     let (n, k) = (w.rows, w.cols);
     assert_eq!(Some(x.len()), m.checked_mul(k), "x must hold m*k values");
-    assert_eq!(Some(out.len()), m.checked_mul(n), "out must hold m*n values");
+    assert_eq!(
+        Some(out.len()),
+        m.checked_mul(n),
+        "out must hold m*n values"
+    );
     if m == 0 || n == 0 {
         return;
     }
@@ -91,7 +99,10 @@ pub fn qmatmul(x: &[f32], m: usize, w: &QMatrix, out: &mut [f32]) {
     let parts = if m * k * n < PAR_MIN_WORK {
         1
     } else {
-        rayon::current_num_threads().min(pool.threads()).min(n).max(1)
+        rayon::current_num_threads()
+            .min(pool.threads())
+            .min(n)
+            .max(1)
     };
     let per = n.div_ceil(parts);
     let part = |p: usize| job.rows(p * per, ((p + 1) * per).min(n));
@@ -462,13 +473,21 @@ mod x86 {
             for c in 0..RW {
                 let blk = w.add(c * row_bytes + b * K::BYTES);
                 let wv = weights::<K>(blk);
-                let u = if K::SIGNED { _mm256_sign_epi8(wv, wv) } else { wv };
+                let u = if K::SIGNED {
+                    _mm256_sign_epi8(wv, wv)
+                } else {
+                    wv
+                };
                 let dw = f16_at(blk);
                 let mw = if K::SIGNED { 0.0 } else { f16_at(blk.add(2)) };
                 for r in 0..R {
                     let i = (r0 + r) * a.nb + b;
                     let x = _mm256_loadu_si256(a.q.as_ptr().add(i * BLOCK).cast());
-                    let x = if K::SIGNED { _mm256_sign_epi8(x, wv) } else { x };
+                    let x = if K::SIGNED {
+                        _mm256_sign_epi8(x, wv)
+                    } else {
+                        x
+                    };
                     let p = _mm256_cvtepi32_ps(dot::<VNNI>(u, x));
                     let s = _mm256_set1_ps(dw * *a.d.get_unchecked(i));
                     acc[c][r][P] = _mm256_fmadd_ps(p, s, acc[c][r][P]);
@@ -513,10 +532,10 @@ mod x86 {
         }
     }
 
-    pub(super) struct Avx2;
-    pub(super) struct Vnni;
+    /// The AVX2 (`VNNI = false`) or AVX-512 VNNI kernels.
+    pub(super) struct X86<const VNNI: bool>;
 
-    impl Tile for Avx2 {
+    impl<const VNNI: bool> Tile for X86<VNNI> {
         #[inline(always)]
         unsafe fn tile<K: Kind, const R: usize, const RW: usize>(
             w: *const u8,
@@ -524,19 +543,7 @@ mod x86 {
             a: &QActs,
             r0: usize,
         ) -> [[f32; R]; RW] {
-            unsafe { tile::<K, R, RW, false>(w, rb, a, r0) }
-        }
-    }
-
-    impl Tile for Vnni {
-        #[inline(always)]
-        unsafe fn tile<K: Kind, const R: usize, const RW: usize>(
-            w: *const u8,
-            rb: usize,
-            a: &QActs,
-            r0: usize,
-        ) -> [[f32; R]; RW] {
-            unsafe { tile::<K, R, RW, true>(w, rb, a, r0) }
+            unsafe { tile::<K, R, RW, VNNI>(w, rb, a, r0) }
         }
     }
 }
@@ -550,9 +557,9 @@ mod x86 {
 unsafe fn span_avx2(job: &Job<'_>, ty: QType, s: Span) {
     unsafe {
         match ty {
-            QType::Q8_0 => span::<x86::Avx2, Q8>(job, s),
-            QType::Q4_0 => span::<x86::Avx2, Q40>(job, s),
-            QType::Q4_1 => span::<x86::Avx2, Q41>(job, s),
+            QType::Q8_0 => span::<x86::X86<false>, Q8>(job, s),
+            QType::Q4_0 => span::<x86::X86<false>, Q40>(job, s),
+            QType::Q4_1 => span::<x86::X86<false>, Q41>(job, s),
         }
     }
 }
@@ -566,9 +573,9 @@ unsafe fn span_avx2(job: &Job<'_>, ty: QType, s: Span) {
 unsafe fn span_vnni(job: &Job<'_>, ty: QType, s: Span) {
     unsafe {
         match ty {
-            QType::Q8_0 => span::<x86::Vnni, Q8>(job, s),
-            QType::Q4_0 => span::<x86::Vnni, Q40>(job, s),
-            QType::Q4_1 => span::<x86::Vnni, Q41>(job, s),
+            QType::Q8_0 => span::<x86::X86<true>, Q8>(job, s),
+            QType::Q4_0 => span::<x86::X86<true>, Q40>(job, s),
+            QType::Q4_1 => span::<x86::X86<true>, Q41>(job, s),
         }
     }
 }
@@ -664,7 +671,11 @@ mod tests {
                 let mut x = rng.vec(m * k);
                 x[pos * k..(pos + 1) * k].copy_from_slice(&row);
                 let got = run(&x, m, &w);
-                assert_eq!(bits(&got[pos * n..(pos + 1) * n]), bits(&alone), "{ty} m={m}");
+                assert_eq!(
+                    bits(&got[pos * n..(pos + 1) * n]),
+                    bits(&alone),
+                    "{ty} m={m}"
+                );
             }
         }
     }

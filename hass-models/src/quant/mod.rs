@@ -306,7 +306,11 @@ mod tests {
 
     #[test]
     fn quantize_then_dequantize_is_close() {
-        for (ty, tol) in [(QType::Q8_0, 0.01), (QType::Q4_0, 0.15), (QType::Q4_1, 0.07)] {
+        for (ty, tol) in [
+            (QType::Q8_0, 0.01),
+            (QType::Q4_0, 0.15),
+            (QType::Q4_1, 0.07),
+        ] {
             let x = ramp(4 * 64, 7);
             let q = QMatrix::quantize(ty, &x, 4, 64).unwrap();
             assert_eq!(q.bytes(), 4 * 2 * ty.block_bytes());
