@@ -169,7 +169,7 @@ fn embed(target: &Llama<B>, ids: &[Vec<u32>]) -> Tensor<B, 3> {
     let (b, l) = (ids.len(), ids[0].len());
     let flat: Vec<i32> = ids.iter().flatten().map(|&x| x as i32).collect();
     let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(flat, [b, l]), target.device());
-    embed_ids(target.embedding(), ids)
+    embed_ids(&target.embedding(), ids)
 }
 
 fn ids(seed: u64, b: usize, l: usize, vocab: usize) -> Vec<Vec<u32>> {
@@ -745,7 +745,7 @@ fn fused_loss_gradient_equals_autodiff_reference() {
     let dev = target.device().clone();
     let cfg = draft_config(target.config());
     let (b, l, h) = (2, 6, cfg.hidden_size);
-    let lm_head = Tensor::<AD, 2>::from_inner(target.lm_head().clone());
+    let lm_head = Tensor::<AD, 2>::from_inner(target.lm_head());
     let emb = Tensor::<AD, 3>::from_inner(embed(&target, &ids(90, b, l, cfg.vocab_size)));
     let f = Tensor::<AD, 3>::from_inner(features(91, b, l, h, &dev));
     let q1 = Tensor::<AD, 3>::from_inner(features(92, b, l, h, &dev));
@@ -874,8 +874,8 @@ fn forward3_grads(detach_streams: bool) -> Vec<Option<Vec<f32>>> {
     let td = TrainDraft::<AD>::random(&cfg, 9, &dev).unwrap();
     let (b, l, h) = (2, 6, cfg.hidden_size);
     // Frozen tensors marked require_grad: they must still receive no gradient.
-    let lm_head = Tensor::<AD, 2>::from_inner(target.lm_head().clone()).require_grad();
-    let embedding = Tensor::<AD, 2>::from_inner(target.embedding().clone()).require_grad();
+    let lm_head = Tensor::<AD, 2>::from_inner(target.lm_head()).require_grad();
+    let embedding = Tensor::<AD, 2>::from_inner(target.embedding()).require_grad();
     let flat: Vec<i32> = ids(80, b, l, cfg.vocab_size)
         .into_iter()
         .flatten()
