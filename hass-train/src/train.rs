@@ -417,12 +417,12 @@ fn train_stage<AD: TrainBackend>(
             cfg.lr * (total_steps - step) as f64 / (total_steps - warmup).max(1) as f64
         }
     };
-    let embedding = Tensor::<AD, 2>::from_inner(target.embedding().clone().cast(DType::F32));
+    let embedding = Tensor::<AD, 2>::from_inner(target.embedding().cast(DType::F32));
     // The LM head the target distribution is taken over: the target's, or its rows of
     // the reduced vocabulary (EAGLE-3's `softmax(target_logits[..., t2d])`).
     let lm_head = match model.vocab_ids() {
         Some(ids) => target_rows(target, ids)?,
-        None => target.lm_head().clone(),
+        None => target.lm_head(),
     };
     let lm_head = Tensor::<AD, 2>::from_inner(lm_head.cast(DType::F32));
     let weights = cfg.loss_weights();
