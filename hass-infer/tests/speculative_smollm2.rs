@@ -120,9 +120,6 @@ fn oracle_drafter_is_token_identical_and_fully_accepted_on_smollm2() {
 }
 
 #[test]
-#[ignore = "known defect: with quantized weights (q4_1 or q8_0) greedy speculative output \
-            departs from vanilla after ~50 tokens on some prompts, although single forwards \
-            are bitwise batch invariant (hass-models' smollm2 test); not yet found"]
 fn oracle_drafter_is_token_identical_on_quantized_smollm2() {
     oracle_is_token_identical_and_fully_accepted(WeightDtype::Auto);
 }
@@ -130,7 +127,6 @@ fn oracle_drafter_is_token_identical_on_quantized_smollm2() {
 /// The committed default head on the file's quantized blocks, with a tree deep and
 /// wide enough to verify several branches per round.
 #[test]
-#[ignore = "known defect: see oracle_drafter_is_token_identical_on_quantized_smollm2"]
 fn committed_head_is_token_identical_on_quantized_smollm2() {
     let (loaded, cases) = setup(WeightDtype::Auto);
     let m = &loaded.model;

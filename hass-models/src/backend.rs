@@ -9,6 +9,9 @@ use burn::backend::{Autodiff, Flex};
 use burn::prelude::*;
 use burn::tensor::{DType, TensorPrimitive};
 
+use burn::tensor::activation::softmax;
+
+use crate::attention;
 use crate::quant::{qmatmul, QMatrix};
 use crate::small_m::{self, Weights};
 
@@ -34,6 +37,19 @@ pub trait HassBackend: Backend {
     fn write_rows(buf: Tensor<Self, 4>, start: usize, rows: Tensor<Self, 4>) -> Tensor<Self, 4> {
         let [b, h, t, d] = rows.dims();
         buf.slice_assign([0..b, 0..h, start..start + t, 0..d], rows)
+    }
+
+    /// Attention of `q` (`[1, groups, rows, hd]`, a KV group's query heads stacked as
+    /// rows) over `k`, `v` (`[1, groups, len, hd]`); `mask` (`[1, 1, rows, len]`) is
+    /// true where attention is forbidden. Returns `[1, groups, rows, hd]`.
+    fn attention(
+        q: Tensor<Self, 4>,
+        k: Tensor<Self, 4>,
+        v: Tensor<Self, 4>,
+        mask: Option<&Tensor<Self, 4, Bool>>,
+        scale: f64,
+    ) -> Tensor<Self, 4> {
+        default_attention(q, k, v, mask, scale)
     }
 
     /// Whether [`HassBackend::project_quant`] has a kernel of its own here: `auto`
@@ -126,6 +142,71 @@ impl HassBackend for Flex {
         buf.slice_assign([0..1, 0..rh, start..start + t, 0..rd], rows)
     }
 
+    /// Products of at most [`SMALL_M_MAX_ROWS`] tokens (decode steps, tree
+    /// verification, draft steps) attend row by row on the host
+    /// ([`crate::attention`]): batch invariant, and no copy of the cache. Prefill
+    /// keeps Burn's batched matmuls.
+    fn attention(
+        q: Tensor<Self, 4>,
+        k: Tensor<Self, 4>,
+        v: Tensor<Self, 4>,
+        mask: Option<&Tensor<Self, 4, Bool>>,
+        scale: f64,
+    ) -> Tensor<Self, 4> {
+        let ([_, groups, rows, hd], [_, _, len, _]) = (q.dims(), k.dims());
+        let kp: FlexTensor = k.clone().into_primitive().tensor();
+        let vp: FlexTensor = v.clone().into_primitive().tensor();
+        let view = |t: &FlexTensor| {
+            let s = t.layout().strides();
+            (t.dtype() == DType::F32 && s[3] == 1 && s[1] >= 0 && s[2] >= 0)
+                .then(|| (t.layout().start_offset(), s[1] as usize, s[2] as usize))
+        };
+        let small = rows <= SMALL_M_MAX_ROWS * 8 && q.dtype() == DType::F32;
+        let (Some(kv_k), Some(kv_v), true) = (view(&kp), view(&vp), small) else {
+            return default_attention(q, k, v, mask, scale);
+        };
+        let device = q.device();
+        let qp: FlexTensor = q.into_primitive().tensor().to_contiguous();
+        let qs = qp.as_slice::<f32>().expect("contiguous f32");
+        let mask: Option<Vec<bool>> = mask.map(|m| {
+            m.clone()
+                .into_data()
+                .convert::<bool>()
+                .into_vec::<bool>()
+                .expect("bool mask")
+        });
+        let visible = |r: usize, j: usize| mask.as_ref().is_none_or(|m| !m[r * len + j]);
+        let k = attention::Kv {
+            data: kp.storage::<f32>(),
+            offset: kv_k.0,
+            group_stride: kv_k.1,
+            row_stride: kv_k.2,
+        };
+        let v = attention::Kv {
+            data: vp.storage::<f32>(),
+            offset: kv_v.0,
+            group_stride: kv_v.1,
+            row_stride: kv_v.2,
+        };
+        let mut out = vec![0f32; groups * rows * hd];
+        attention::attend(
+            qs,
+            k,
+            v,
+            groups,
+            rows,
+            hd,
+            len,
+            scale as f32,
+            &visible,
+            &mut out,
+        );
+        Tensor::from_primitive(TensorPrimitive::Float(FlexTensor::from_data(
+            TensorData::new(out, [1, groups, rows, hd]),
+        )))
+        .to_device(&device)
+    }
+
     const QUANT_KERNELS: bool = true;
 
     fn project_quant(x: Tensor<Self, 2>, w: &QMatrix) -> Tensor<Self, 2> {
@@ -162,6 +243,21 @@ fn on_host(
         TensorData::new(out, [m, n]),
     )))
     .to_device(&device)
+}
+
+/// Burn's batched attention: the trait's default, and the fallback of overrides.
+fn default_attention<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    mask: Option<&Tensor<B, 4, Bool>>,
+    scale: f64,
+) -> Tensor<B, 4> {
+    let mut scores = q.matmul(k.swap_dims(2, 3)) * scale;
+    if let Some(m) = mask {
+        scores = scores.mask_fill(m.clone(), f32::NEG_INFINITY);
+    }
+    softmax(scores, 3).matmul(v)
 }
 
 /// Training differentiates through Burn's matmul.

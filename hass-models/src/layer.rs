@@ -5,7 +5,7 @@
 //! four matmuls.
 
 use burn::prelude::*;
-use burn::tensor::activation::{silu, softmax};
+use burn::tensor::activation::silu;
 use hass_core::config::ModelConfig;
 use hass_core::{HassError, Result};
 
@@ -303,12 +303,7 @@ impl<B: HassBackend> DecoderLayer<B> {
         let (k_all, v_all) = cache.append(index, k, v);
         // GQA without repeating K/V: query heads of one group become extra rows.
         let q = q.reshape([1, nkv, rep * t, hd]);
-        let mut scores = q.matmul(k_all.swap_dims(2, 3)) * ctx.scale;
-        if let Some(m) = &ctx.mask {
-            scores = scores.mask_fill(m.clone(), f32::NEG_INFINITY);
-        }
-        let attn = softmax(scores, 3)
-            .matmul(v_all)
+        let attn = <B as HassBackend>::attention(q, k_all, v_all, ctx.mask.as_ref(), ctx.scale)
             .reshape([1, nh, t, hd])
             .swap_dims(1, 2)
             .reshape([t, nh * hd]);

@@ -2,6 +2,7 @@
 //! cache and weight loading (HF safetensors and GGUF).
 
 pub mod assets;
+mod attention;
 pub mod backend;
 pub mod draft;
 pub mod draft_vocab;

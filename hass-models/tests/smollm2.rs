@@ -225,3 +225,60 @@ fn one_at_a_time_equals_all_at_once_bitwise() {
         }
     }
 }
+
+/// A draft tree's path rows, verified beside sibling branches (masked out of their
+/// attention), get bitwise the logits of the same tokens decoded one at a time. The
+/// tree has the oracle drafter's shape: a depth-4 chain with a sibling at every level
+/// (9 nodes, 27 attention rows: where Burn's batched matmul rounded differently).
+#[test]
+fn tree_path_rows_equal_sequential_decoding_bitwise() {
+    for dtype in [WeightDtype::F32, WeightDtype::Auto, WeightDtype::Q8_0] {
+        let m = model(dtype);
+        let ids: Vec<u32> = (0..200).map(|i| (i * 7919 + 13) % 49152).collect();
+        let p = ids.len() - 5;
+        let (pre, path) = ids.split_at(p);
+        let pos: Vec<usize> = (0..ids.len()).collect();
+        let v = m.config().vocab_size;
+        let (mut tree, mut parents, mut depth) = (vec![path[0]], vec![None], vec![0usize]);
+        let mut tip = 0;
+        for k in 1..5 {
+            tree.extend([path[k], 7 + k as u32]);
+            parents.extend([Some(tip), Some(tip)]);
+            depth.extend([k, k]);
+            tip = tree.len() - 2;
+        }
+        let t = tree.len();
+        let mut mask = vec![false; t * t];
+        for i in 0..t {
+            let mut a = Some(i);
+            while let Some(j) = a {
+                mask[i * t + j] = true;
+                a = parents[j];
+            }
+        }
+        let mut cache = m.new_cache(ids.len() + 8);
+        m.forward(pre, &pos[..p], &mut cache, None, LogitRows::None)
+            .unwrap();
+        let tpos: Vec<usize> = depth.iter().map(|d| p + d).collect();
+        let tree_logits = to_vec(
+            m.forward(&tree, &tpos, &mut cache, Some(&mask), LogitRows::All)
+                .unwrap()
+                .logits
+                .unwrap(),
+        );
+        cache.truncate(p);
+        for (k, row) in [0usize, 1, 3, 5, 7].into_iter().enumerate() {
+            let alone = to_vec(
+                m.forward(&[path[k]], &[p + k], &mut cache, None, LogitRows::All)
+                    .unwrap()
+                    .logits
+                    .unwrap(),
+            );
+            let same = tree_logits[row * v..(row + 1) * v]
+                .iter()
+                .zip(&alone)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "{dtype}: tree row {row} (path position {k}) differs");
+        }
+    }
+}

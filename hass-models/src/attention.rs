@@ -1,0 +1,90 @@
+//! Attention of a few query rows over the KV cache on the host, one row at a time.
+//!
+//! Burn's batched matmul blocks its products by shape: the same query row attended
+//! alone (a decode step) and among 27 rows (a 9-node tree with 3 query heads per KV
+//! head) rounded differently (up to 4e-5 in SmolLM2's f32 logits, and whole int8
+//! steps once activations are quantized), which broke greedy speculative decoding's
+//! token-for-token equality with vanilla decoding. Here every output row is one fixed
+//! sequence of operations over the visible keys whatever the other rows: scores as
+//! 8-lane partial sums folded in a fixed order, a sequential softmax, and the values
+//! summed key by key.
+
+/// Strided `[groups, len, head_dim]` view of keys or values (head_dim contiguous).
+#[derive(Clone, Copy)]
+pub(crate) struct Kv<'a> {
+    pub data: &'a [f32],
+    pub offset: usize,
+    pub group_stride: usize,
+    pub row_stride: usize,
+}
+
+impl Kv<'_> {
+    fn row(&self, g: usize, j: usize, hd: usize) -> &[f32] {
+        let at = self.offset + g * self.group_stride + j * self.row_stride;
+        &self.data[at..at + hd]
+    }
+}
+
+/// `q [groups, rows, hd]` (contiguous) attending over `len` keys: `out [groups, rows,
+/// hd]`. `visible(r, j)` says whether row `r` of every group may see key `j`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attend(
+    q: &[f32],
+    k: Kv<'_>,
+    v: Kv<'_>,
+    groups: usize,
+    rows: usize,
+    hd: usize,
+    len: usize,
+    scale: f32,
+    visible: &(dyn Fn(usize, usize) -> bool + Sync),
+    out: &mut [f32],
+) {
+    let mut scores = vec![0f32; len];
+    for g in 0..groups {
+        for r in 0..rows {
+            let qr = &q[(g * rows + r) * hd..(g * rows + r + 1) * hd];
+            let mut max = f32::NEG_INFINITY;
+            for (j, s) in scores.iter_mut().enumerate() {
+                *s = if visible(r, j) {
+                    dot(qr, k.row(g, j, hd)) * scale
+                } else {
+                    f32::NEG_INFINITY
+                };
+                max = max.max(*s);
+            }
+            let o = &mut out[(g * rows + r) * hd..(g * rows + r + 1) * hd];
+            o.fill(0.0);
+            let mut sum = 0f32;
+            for (j, s) in scores.iter().enumerate() {
+                if *s == f32::NEG_INFINITY {
+                    continue;
+                }
+                let p = (*s - max).exp();
+                sum += p;
+                for (o, &x) in o.iter_mut().zip(v.row(g, j, hd)) {
+                    *o += p * x;
+                }
+            }
+            let inv = 1.0 / sum;
+            o.iter_mut().for_each(|x| *x *= inv);
+        }
+    }
+}
+
+/// `Σ a·b` as 8 lane sums (element `i` in lane `i % 8`) folded `8 → 4 → 2 → 1`.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let mut ca = a.chunks_exact(8);
+    let mut cb = b.chunks_exact(8);
+    for (x, y) in (&mut ca).zip(&mut cb) {
+        for l in 0..8 {
+            lanes[l] += x[l] * y[l];
+        }
+    }
+    for (l, (x, y)) in ca.remainder().iter().zip(cb.remainder()).enumerate() {
+        lanes[l] += x * y;
+    }
+    let l4: [f32; 4] = std::array::from_fn(|i| lanes[i] + lanes[i + 4]);
+    (l4[0] + l4[2]) + (l4[1] + l4[3])
+}
