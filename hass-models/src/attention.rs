@@ -9,6 +9,8 @@
 //! 8-lane partial sums folded in a fixed order, a sequential softmax, and the values
 //! summed key by key.
 
+use crate::spin_pool::Pool;
+
 /// Strided `[groups, len, head_dim]` view of keys or values (head_dim contiguous).
 #[derive(Clone, Copy)]
 pub(crate) struct Kv<'a> {
@@ -26,7 +28,9 @@ impl Kv<'_> {
 }
 
 /// `q [groups, rows, hd]` (contiguous) attending over `len` keys: `out [groups, rows,
-/// hd]`. `visible(r, j)` says whether row `r` of every group may see key `j`.
+/// hd]`. `visible(r, j)` says whether row `r` of every group may see key `j`. The
+/// (group, row) pairs are split over the spin pool's threads; each pair is computed by
+/// one thread, the same way whatever the split.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn attend(
     q: &[f32],
@@ -40,36 +44,85 @@ pub(crate) fn attend(
     visible: &(dyn Fn(usize, usize) -> bool + Sync),
     out: &mut [f32],
 ) {
-    let mut scores = vec![0f32; len];
-    for g in 0..groups {
-        for r in 0..rows {
-            let qr = &q[(g * rows + r) * hd..(g * rows + r + 1) * hd];
-            let mut max = f32::NEG_INFINITY;
-            for (j, s) in scores.iter_mut().enumerate() {
-                *s = if visible(r, j) {
-                    dot(qr, k.row(g, j, hd)) * scale
-                } else {
-                    f32::NEG_INFINITY
-                };
-                max = max.max(*s);
-            }
-            let o = &mut out[(g * rows + r) * hd..(g * rows + r + 1) * hd];
-            o.fill(0.0);
-            let mut sum = 0f32;
-            for (j, s) in scores.iter().enumerate() {
-                if *s == f32::NEG_INFINITY {
-                    continue;
-                }
-                let p = (*s - max).exp();
-                sum += p;
-                for (o, &x) in o.iter_mut().zip(v.row(g, j, hd)) {
-                    *o += p * x;
-                }
-            }
-            let inv = 1.0 / sum;
-            o.iter_mut().for_each(|x| *x *= inv);
+    let pairs = groups * rows;
+    let out = OutPtr(out.as_mut_ptr());
+    let pool = Pool::global();
+    let parts = if pairs * len * hd < PAR_MIN_WORK {
+        1
+    } else {
+        pool.threads().min(pairs)
+    };
+    let per = pairs.div_ceil(parts);
+    let part = |p: usize| {
+        let mut scores = vec![0f32; len];
+        for pair in p * per..((p + 1) * per).min(pairs) {
+            let (g, r) = (pair / rows, pair % rows);
+            // SAFETY: each pair's output row belongs to one part; `out` outlives the job.
+            let o = unsafe { std::slice::from_raw_parts_mut(out.get().add(pair * hd), hd) };
+            let qr = &q[pair * hd..(pair + 1) * hd];
+            row(qr, k, v, g, r, hd, scale, visible, &mut scores, o);
+        }
+    };
+    match parts {
+        1 => part(0),
+        _ => pool.run(parts, &part),
+    }
+}
+
+/// Below this many multiply-adds a call stays on the calling thread.
+const PAR_MIN_WORK: usize = 1 << 16;
+
+/// `out` shared by the parts, each writing its own rows.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: parts write disjoint rows of `out`, which outlives the pool's job.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// The pointer (a method, so closures capture the `Sync` wrapper, not the field).
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// One query row of group `g` (row index `r` for `visible`) into `o`.
+#[allow(clippy::too_many_arguments)]
+fn row(
+    qr: &[f32],
+    k: Kv<'_>,
+    v: Kv<'_>,
+    g: usize,
+    r: usize,
+    hd: usize,
+    scale: f32,
+    visible: &(dyn Fn(usize, usize) -> bool + Sync),
+    scores: &mut [f32],
+    o: &mut [f32],
+) {
+    let mut max = f32::NEG_INFINITY;
+    for (j, s) in scores.iter_mut().enumerate() {
+        *s = if visible(r, j) {
+            dot(qr, k.row(g, j, hd)) * scale
+        } else {
+            f32::NEG_INFINITY
+        };
+        max = max.max(*s);
+    }
+    o.fill(0.0);
+    let mut sum = 0f32;
+    for (j, s) in scores.iter().enumerate() {
+        if *s == f32::NEG_INFINITY {
+            continue;
+        }
+        let p = (*s - max).exp();
+        sum += p;
+        for (o, &x) in o.iter_mut().zip(v.row(g, j, hd)) {
+            *o += p * x;
         }
     }
+    let inv = 1.0 / sum;
+    o.iter_mut().for_each(|x| *x *= inv);
 }
 
 /// `Σ a·b` as 8 lane sums (element `i` in lane `i % 8`) folded `8 → 4 → 2 → 1`.
