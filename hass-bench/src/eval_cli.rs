@@ -61,7 +61,7 @@ pub struct EvalArgs {
     /// Tree: `auto` (per head, from this machine's measured costs and the head's
     /// acceptance; cached in $HASS_CACHE/tuning) or total_tokens,depth,top_k (total
     /// excludes the root).
-    #[arg(long, default_value = "f16")]
+    #[arg(long, default_value = "auto")]
     pub tree: TreeSpec,
     /// Untimed runs of every method on the first question before measuring.
     #[arg(long, default_value_t = 1)]

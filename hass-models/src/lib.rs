@@ -19,6 +19,8 @@ pub mod quant;
 pub mod safetensors_dir;
 pub mod small_m;
 mod spin_pool;
+#[cfg(test)]
+mod test_rng;
 pub mod weights;
 
 pub use backend::{default_device, DefaultBackend, HassBackend};

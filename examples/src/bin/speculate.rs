@@ -45,7 +45,7 @@ struct Args {
     /// Tree: `auto` (tuned for this machine and head, cached) or
     /// total_tokens,depth,top_k (total excludes the root; EAGLE-2's GPU default is
     /// 59,5,10).
-    #[arg(long, default_value = "f16")]
+    #[arg(long, default_value = "auto")]
     tree: TreeSpec,
     /// Oracle chain depth.
     #[arg(long, default_value_t = 4)]
