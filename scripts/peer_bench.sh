@@ -2,8 +2,9 @@
 # hass against llama.cpp on the same GGUF and thread count, back to back in one run:
 # `speed` (512-token prefill, 128 decoded tokens, peak RSS) and the first N MT-bench
 # questions (both turns, greedy, <= 128 new tokens per turn, prefill included; hass
-# vanilla and speculative with its default head and tuned tree). Prints a Markdown
-# table; the raw reports stay in OUT.
+# vanilla and speculative with the default head and tuned tree). hass keeps the file's
+# quantized blocks (`--dtype auto`), as llama.cpp does. Prints a Markdown table; the
+# raw reports stay in OUT.
 #
 #   scripts/peer_bench.sh [N=20] [OUT=bench-out/peer]
 #
@@ -25,11 +26,12 @@ bench=target/release/hass-bench
 export RAYON_NUM_THREADS="$threads"
 
 python3 scripts/peer_llamacpp.py speed --model "$model" --threads "$threads" --out "$out" >/dev/null
-$bench speed --model "$model" --verify 1,4 --json "$out/hass-speed.json" >/dev/null
+$bench speed --model "$model" --dtype auto --verify 1,4 --json "$out/hass-speed.json" >/dev/null
 python3 scripts/peer_llamacpp.py eval --model "$model" --threads "$threads" --sets mt_bench \
     --limit "$n" --max-new-tokens 128 --out "$out" >/dev/null 2>&1
-/usr/bin/time -f "%M" -o "$out/hass-eval-maxrss-kb" $bench eval --model "$model" \
-    --sets mt_bench --limit "$n" --temperatures 0 --max-new-tokens 128 --out "$out/hass-eval" >/dev/null
+/usr/bin/time -f "%M" -o "$out/hass-eval-maxrss-kb" $bench eval --model "$model" --dtype auto \
+    --head hass-v8k-long=heads/smollm2-hass-v8k-long --sets mt_bench --limit "$n" \
+    --temperatures 0 --max-new-tokens 128 --out "$out/hass-eval" >/dev/null
 
 python3 - "$out" <<'PY'
 import json, statistics, sys
