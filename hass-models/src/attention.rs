@@ -9,7 +9,7 @@
 //! 8-lane partial sums folded in a fixed order, a sequential softmax, and the values
 //! summed key by key.
 
-use crate::spin_pool::Pool;
+use crate::spin_pool::{OutPtr, Pool};
 
 /// Strided `[groups, len, head_dim]` view of keys or values (head_dim contiguous).
 #[derive(Clone, Copy)]
@@ -71,20 +71,6 @@ pub(crate) fn attend(
 
 /// Below this many multiply-adds a call stays on the calling thread.
 const PAR_MIN_WORK: usize = 1 << 16;
-
-/// `out` shared by the parts, each writing its own rows.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: parts write disjoint rows of `out`, which outlives the pool's job.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    /// The pointer (a method, so closures capture the `Sync` wrapper, not the field).
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
 
 /// One query row of group `g` (row index `r` for `visible`) into `o`.
 #[allow(clippy::too_many_arguments)]

@@ -18,7 +18,7 @@
 
 use half::f16;
 
-use crate::spin_pool::Pool;
+use crate::spin_pool::{OutPtr, Pool};
 
 /// Weight matrix `[k, n]`, row-major (y = x · w).
 #[derive(Clone, Copy)]
@@ -107,13 +107,6 @@ fn sweeps(m: usize, cols: usize) -> bool {
 
 /// Minimum columns per thread.
 const PAR_MIN_COLS: usize = 256;
-
-/// Raw `out` pointer shared by the threads; each writes only its own columns.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: parts write disjoint column ranges of `out`, which outlives the pool's job.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
 
 /// One product with `m, k, n >= 1`, shared by the column parts.
 #[derive(Clone, Copy)]

@@ -23,7 +23,7 @@
 //! weight row meets stay in L2.
 
 use super::{QMatrix, QType, BLOCK};
-use crate::spin_pool::Pool;
+use crate::spin_pool::{OutPtr, Pool};
 
 /// Activation rows per register tile.
 const MR: usize = 4;
@@ -111,13 +111,6 @@ pub fn qmatmul(x: &[f32], m: usize, w: &QMatrix, out: &mut [f32]) {
         _ => pool.run(parts, &part),
     }
 }
-
-/// Raw `out` pointer shared by the parts; each writes only its own columns.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: parts write disjoint columns of `out`, which outlives the pool's job.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
 
 /// The instruction sets with a kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
