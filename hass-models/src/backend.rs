@@ -7,9 +7,8 @@ use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::flex::FlexTensor;
 use burn::backend::{Autodiff, Flex};
 use burn::prelude::*;
-use burn::tensor::{DType, TensorPrimitive};
-
 use burn::tensor::activation::softmax;
+use burn::tensor::{DType, TensorPrimitive};
 
 use crate::attention;
 use crate::quant::{qmatmul, QMatrix};
@@ -35,8 +34,7 @@ pub trait HassBackend: Backend {
     /// positions `start..start + t`: how the KV cache appends. The default is Burn's
     /// `slice_assign`.
     fn write_rows(buf: Tensor<Self, 4>, start: usize, rows: Tensor<Self, 4>) -> Tensor<Self, 4> {
-        let [b, h, t, d] = rows.dims();
-        buf.slice_assign([0..b, 0..h, start..start + t, 0..d], rows)
+        assign_rows(buf, start, rows)
     }
 
     /// Attention of `q` (`[1, groups, rows, hd]`, a KV group's query heads stacked as
@@ -138,14 +136,17 @@ impl HassBackend for Flex {
                 return Tensor::from_primitive(TensorPrimitive::Float(bp));
             }
         }
-        let buf = Tensor::from_primitive(TensorPrimitive::Float(bp));
-        buf.slice_assign([0..1, 0..rh, start..start + t, 0..rd], rows)
+        assign_rows(
+            Tensor::from_primitive(TensorPrimitive::Float(bp)),
+            start,
+            rows,
+        )
     }
 
-    /// Products of at most [`SMALL_M_MAX_ROWS`] tokens (decode steps, tree
-    /// verification, draft steps) attend row by row on the host
-    /// ([`crate::attention`]): batch invariant, and no copy of the cache. Prefill
-    /// keeps Burn's batched matmuls.
+    /// Up to [`SMALL_M_MAX_ROWS`] · 8 query rows (decode steps, tree verification and
+    /// draft steps of up to 64 tokens with up to 8 query heads per KV head) attend row
+    /// by row on the host ([`crate::attention`]): batch invariant, and no copy of the
+    /// cache. Longer prefills keep Burn's batched matmuls.
     fn attention(
         q: Tensor<Self, 4>,
         k: Tensor<Self, 4>,
@@ -156,13 +157,8 @@ impl HassBackend for Flex {
         let ([_, groups, rows, hd], [_, _, len, _]) = (q.dims(), k.dims());
         let kp: FlexTensor = k.clone().into_primitive().tensor();
         let vp: FlexTensor = v.clone().into_primitive().tensor();
-        let view = |t: &FlexTensor| {
-            let s = t.layout().strides();
-            (t.dtype() == DType::F32 && s[3] == 1 && s[1] >= 0 && s[2] >= 0)
-                .then(|| (t.layout().start_offset(), s[1] as usize, s[2] as usize))
-        };
         let small = rows <= SMALL_M_MAX_ROWS * 8 && q.dtype() == DType::F32;
-        let (Some(kv_k), Some(kv_v), true) = (view(&kp), view(&vp), small) else {
+        let (Some(kv_k), Some(kv_v), true) = (kv_view(&kp), kv_view(&vp), small) else {
             return default_attention(q, k, v, mask, scale);
         };
         let device = q.device();
@@ -176,23 +172,11 @@ impl HassBackend for Flex {
                 .expect("bool mask")
         });
         let visible = |r: usize, j: usize| mask.as_ref().is_none_or(|m| !m[r * len + j]);
-        let k = attention::Kv {
-            data: kp.storage::<f32>(),
-            offset: kv_k.0,
-            group_stride: kv_k.1,
-            row_stride: kv_k.2,
-        };
-        let v = attention::Kv {
-            data: vp.storage::<f32>(),
-            offset: kv_v.0,
-            group_stride: kv_v.1,
-            row_stride: kv_v.2,
-        };
         let mut out = vec![0f32; groups * rows * hd];
         attention::attend(
             qs,
-            k,
-            v,
+            kv_k,
+            kv_v,
             groups,
             rows,
             hd,
@@ -221,6 +205,23 @@ impl HassBackend for Flex {
             qmatmul(xs, m, w, out)
         })
     }
+}
+
+/// Keys or values `[1, groups, len, hd]` read in place: f32 with contiguous rows.
+fn kv_view(t: &FlexTensor) -> Option<attention::Kv<'_>> {
+    let s = t.layout().strides();
+    (t.dtype() == DType::F32 && s[3] == 1 && s[1] >= 0 && s[2] >= 0).then(|| attention::Kv {
+        data: t.storage::<f32>(),
+        offset: t.layout().start_offset(),
+        group_stride: s[1] as usize,
+        row_stride: s[2] as usize,
+    })
+}
+
+/// Burn's `slice_assign` of `rows` at positions `start..` of `buf`.
+fn assign_rows<B: Backend>(buf: Tensor<B, 4>, start: usize, rows: Tensor<B, 4>) -> Tensor<B, 4> {
+    let [b, h, t, d] = rows.dims();
+    buf.slice_assign([0..b, 0..h, start..start + t, 0..d], rows)
 }
 
 /// `[m, n]` from `product(x, out)`, which fills `out` from `x`'s f32 values.
