@@ -25,17 +25,6 @@ impl<B: HassBackend> Linear<B> {
         }
     }
 
-    /// `(in, out)`.
-    pub fn dims(&self) -> (usize, usize) {
-        match self {
-            Linear::Dense(w) => {
-                let [i, o] = w.dims();
-                (i, o)
-            }
-            Linear::Quant(q) => (q.cols(), q.rows()),
-        }
-    }
-
     /// Bytes one product reads.
     pub fn bytes(&self) -> usize {
         match self {
