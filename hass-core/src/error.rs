@@ -61,6 +61,15 @@ pub enum HassError {
         looked_in: Vec<String>,
         hint: String,
     },
+    /// The compiled-in backend cannot run on this machine (no GPU, no driver, no
+    /// Vulkan adapter): `backend` names it, `msg` is what it reported.
+    #[error("the {backend} backend has no usable device ({device}): {msg}. {hint}")]
+    Device {
+        backend: String,
+        device: String,
+        msg: String,
+        hint: String,
+    },
 }
 
 /// Result alias used throughout hass.

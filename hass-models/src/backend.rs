@@ -269,6 +269,49 @@ impl HassBackend for burn::backend::Cuda {}
 #[cfg(feature = "wgpu")]
 impl HassBackend for burn::backend::Wgpu {}
 
+/// Checks that `device` can run a computation, so that a GPU build on a machine without
+/// the GPU, driver or Vulkan adapter it needs fails with an error naming the backend
+/// rather than a panic inside it (cubecl's runtime thread dies without a CUDA driver and
+/// the caller sees only `RecvError`). Loading a model calls it first.
+pub fn check_device<B: Backend>(device: &B::Device) -> hass_core::Result<()> {
+    use std::panic::{self, AssertUnwindSafe};
+    use std::sync::{Arc, Mutex};
+
+    // The backend may panic on its own threads: collect every panic message of the
+    // probe instead of printing them, then restore the caller's hook.
+    let seen = Arc::new(Mutex::new(Vec::<String>::new()));
+    let hook = panic::take_hook();
+    let sink = seen.clone();
+    panic::set_hook(Box::new(move |info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "(no message)".into());
+        sink.lock().unwrap_or_else(|e| e.into_inner()).push(msg);
+    }));
+    let probe = panic::catch_unwind(AssertUnwindSafe(|| {
+        Tensor::<B, 1>::from_floats([1.0], device).into_data()
+    }));
+    panic::set_hook(hook);
+    if probe.is_ok() {
+        return Ok(());
+    }
+    let msgs = seen.lock().unwrap_or_else(|e| e.into_inner()).join("; ");
+    Err(hass_core::HassError::Device {
+        // Not `B::name`: a cubecl backend's name asks the runtime that just failed. Only
+        // the GPU backends can fail here, and only one is compiled in.
+        backend: backend_name().into(),
+        device: format!("{device:?}"),
+        msg: msgs,
+        hint: "A build without GPU features runs on the CPU; `cuda` needs an NVIDIA GPU \
+               and driver, `wgpu` a Vulkan, Metal or DX12 adapter (lavapipe, Mesa's \
+               software Vulkan, works without a GPU)"
+            .into(),
+    })
+}
+
 /// The default device of [`DefaultBackend`] (first GPU, or the CPU).
 pub fn default_device() -> burn::tensor::Device<DefaultBackend> {
     Default::default()

@@ -26,7 +26,7 @@ use crate::backend::HassBackend;
 use crate::draft_vocab::DraftVocab;
 use crate::kv_cache::KvCache;
 use crate::layer::{mm, AttnContext, DecoderLayer};
-use crate::llama::{Llama, WeightDtype};
+use crate::llama::Llama;
 use crate::loader::Loader;
 use crate::safetensors_dir::SafetensorsDir;
 use crate::weights::{MemoryWeights, WeightSource};
@@ -72,11 +72,34 @@ impl WeightSource for StripPrefix<'_> {
     }
 }
 
+/// How a saved head stores its weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeadDtype {
+    F32,
+    F16,
+    /// Every matrix as int8 with one f32 scale per row (symmetric, the row's largest
+    /// magnitude maps to 127), vectors in f16: about half of f16's size, for heads that
+    /// travel in the repository. Any tool reading EAGLE's f16 layout needs an export to
+    /// [`HeadDtype::F16`] first; hass reads both.
+    Int8Rows,
+}
+
+impl std::str::FromStr for HeadDtype {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" => Ok(HeadDtype::F32),
+            "f16" => Ok(HeadDtype::F16),
+            "int8-rows" | "int8" => Ok(HeadDtype::Int8Rows),
+            other => Err(format!("unknown head dtype `{other}` (f32, f16, int8-rows)")),
+        }
+    }
+}
+
 /// How [`DraftHead::save_as`] writes a head.
 #[derive(Debug, Clone, Copy)]
 pub struct SaveOptions {
-    /// f32, else f16.
-    pub dtype: WeightDtype,
+    pub dtype: HeadDtype,
     /// Also write the target's embedding (`embed_tokens.weight`), as EAGLE's own
     /// checkpoints do; hass ignores it on load, so without it a head is ~25× smaller.
     pub with_embedding: bool,
@@ -85,7 +108,7 @@ pub struct SaveOptions {
 impl Default for SaveOptions {
     fn default() -> Self {
         SaveOptions {
-            dtype: WeightDtype::F32,
+            dtype: HeadDtype::F32,
             with_embedding: true,
         }
     }
@@ -323,30 +346,36 @@ impl<B: HassBackend> DraftHead<B> {
         write_atomic(&dir.join("config.json"), text.as_bytes())?;
         let w = self.export_with(target, opts.with_embedding);
         use safetensors::Dtype;
-        let bytes: Vec<(String, Vec<usize>, Dtype, Vec<u8>)> = w
-            .iter()
-            .map(|(n, (s, d))| {
-                // The vocabulary maps keep EAGLE-3's dtypes: int64 offsets, bool flags.
-                let (dtype, b) = match (n.as_str(), opts.dtype) {
-                    ("d2t", _) => (
-                        Dtype::I64,
-                        d.iter().flat_map(|x| (*x as i64).to_le_bytes()).collect(),
-                    ),
-                    ("t2d", _) => (Dtype::BOOL, d.iter().map(|x| (*x != 0.0) as u8).collect()),
-                    (_, WeightDtype::F32) => {
-                        (Dtype::F32, d.iter().flat_map(|x| x.to_le_bytes()).collect())
-                    }
-                    // Heads are stored dense: f16 for every other choice.
-                    _ => (
-                        Dtype::F16,
-                        d.iter()
-                            .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
-                            .collect(),
-                    ),
-                };
-                (n.clone(), s.clone(), dtype, b)
-            })
-            .collect();
+        let f16 = |d: &[f32]| -> Vec<u8> {
+            d.iter()
+                .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
+                .collect()
+        };
+        let mut bytes: Vec<(String, Vec<usize>, Dtype, Vec<u8>)> = Vec::new();
+        for (n, (s, d)) in w.iter() {
+            // The vocabulary maps keep EAGLE-3's dtypes: int64 offsets, bool flags.
+            let (dtype, b) = match (n.as_str(), opts.dtype) {
+                ("d2t", _) => (
+                    Dtype::I64,
+                    d.iter().flat_map(|x| (*x as i64).to_le_bytes()).collect(),
+                ),
+                ("t2d", _) => (Dtype::BOOL, d.iter().map(|x| (*x != 0.0) as u8).collect()),
+                (_, HeadDtype::F32) => (Dtype::F32, d.iter().flat_map(|x| x.to_le_bytes()).collect()),
+                (_, HeadDtype::Int8Rows) if s.len() == 2 => {
+                    let (q, scales) = int8_rows(d, s[1]);
+                    let scale_bytes = scales.iter().flat_map(|x| x.to_le_bytes()).collect();
+                    bytes.push((
+                        format!("{n}{}", crate::safetensors_dir::ROW_SCALE_SUFFIX),
+                        vec![s[0]],
+                        Dtype::F32,
+                        scale_bytes,
+                    ));
+                    (Dtype::I8, q)
+                }
+                _ => (Dtype::F16, f16(d)),
+            };
+            bytes.push((n.clone(), s.clone(), dtype, b));
+        }
         let views: Vec<(String, safetensors::tensor::TensorView)> = bytes
             .iter()
             .map(|(n, s, dtype, b)| {
@@ -465,4 +494,18 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, bytes).map_err(|e| HassError::io(&tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| HassError::io(path, e))
+}
+
+/// `d` (rows of `cols`) as int8 bytes and one scale per row: `q = round(x / scale)`
+/// with `scale = max |x| / 127`, so each row keeps its own range.
+fn int8_rows(d: &[f32], cols: usize) -> (Vec<u8>, Vec<f32>) {
+    let mut q = Vec::with_capacity(d.len());
+    let mut scales = Vec::with_capacity(d.len() / cols.max(1));
+    for row in d.chunks(cols.max(1)) {
+        let amax = row.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let scale = if amax > 0.0 { amax / 127.0 } else { 1.0 };
+        scales.push(scale);
+        q.extend(row.iter().map(|x| (x / scale).round().clamp(-127.0, 127.0) as i8 as u8));
+    }
+    (q, scales)
 }

@@ -24,7 +24,7 @@ mod test_rng;
 pub mod weights;
 
 pub use backend::{default_device, DefaultBackend, HassBackend};
-pub use draft::{DraftHead, SaveOptions};
+pub use draft::{DraftHead, HeadDtype, SaveOptions};
 pub use draft_vocab::DraftVocab;
 pub use hf::load_hf_model;
 pub use kv_cache::KvCache;

@@ -168,6 +168,7 @@ impl<B: HassBackend> Llama<B> {
         dtype: WeightDtype,
     ) -> Result<Self> {
         config.validate(&source.describe())?;
+        crate::backend::check_device::<B>(device)?;
         let c = &config;
         let (h, v) = (c.hidden_size, c.vocab_size);
         let dense = dtype.dense();

@@ -1,6 +1,11 @@
 //! A Hugging Face model directory as a [`WeightSource`]: `model.safetensors`, or shards
 //! listed in `model.safetensors.index.json`. Files are memory-mapped and validated
 //! once at open (a truncated or corrupt file fails there, naming the file).
+//!
+//! A matrix may also be stored as int8 with one scale per row (`name` in `I8` plus
+//! `name` + [`ROW_SCALE_SUFFIX`], f32 or f16, one value per row): it reads back as
+//! `q · scale` and its scale tensor is not listed as a tensor of its own. Compact draft
+//! heads are stored this way (half of f16's size).
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -11,6 +16,9 @@ use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 
 use crate::weights::WeightSource;
+
+/// Name suffix of the per-row scales of an int8 matrix.
+pub const ROW_SCALE_SUFFIX: &str = ".row_scale";
 
 struct Entry {
     file: usize,
@@ -26,6 +34,8 @@ pub struct SafetensorsDir {
     dir: PathBuf,
     files: Vec<(PathBuf, Mmap, usize)>,
     entries: BTreeMap<String, Entry>,
+    /// The scale entries of the int8 matrices in `entries`, by the matrix's name.
+    row_scales: BTreeMap<String, Entry>,
 }
 
 impl SafetensorsDir {
@@ -80,10 +90,73 @@ impl SafetensorsDir {
             }
             files.push((path.clone(), mmap, 8 + header));
         }
+        let int8: Vec<String> = entries
+            .iter()
+            .filter(|(n, e)| e.dtype == Dtype::I8 && entries.contains_key(&scale_name(n)))
+            .map(|(n, _)| n.clone())
+            .collect();
+        let mut row_scales = BTreeMap::new();
+        for name in int8 {
+            let scale = entries.remove(&scale_name(&name)).expect("checked above");
+            row_scales.insert(name, scale);
+        }
         Ok(SafetensorsDir {
             dir: dir.to_path_buf(),
             files,
             entries,
+            row_scales,
+        })
+    }
+
+    fn bytes(&self, e: &Entry) -> &[u8] {
+        let (_, mmap, data_start) = &self.files[e.file];
+        &mmap[data_start + e.start..data_start + e.end]
+    }
+
+    /// `q · scale` per row of the int8 matrix `name` (`e`) with row scales `s`.
+    fn read_int8_rows(&self, name: &str, e: &Entry, s: &Entry) -> Result<Vec<f32>> {
+        let scales = self.floats(&scale_name(name), s)?;
+        let rows = e.shape.first().copied().unwrap_or(1);
+        if scales.len() != rows || e.shape.len() != 2 {
+            return Err(HassError::malformed(
+                self.files[e.file].0.display(),
+                format!(
+                    "int8 tensor `{name}` of shape {:?} has {} row scales",
+                    e.shape,
+                    scales.len()
+                ),
+            ));
+        }
+        let cols = e.shape[1];
+        let q = self.bytes(e);
+        Ok((0..rows * cols)
+            .map(|i| q[i] as i8 as f32 * scales[i / cols])
+            .collect())
+    }
+
+    /// The values of a float tensor (`name`, `e`) as f32.
+    fn floats(&self, name: &str, e: &Entry) -> Result<Vec<f32>> {
+        let bytes = self.bytes(e);
+        Ok(match e.dtype {
+            Dtype::F32 => bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            Dtype::F16 => bytes
+                .chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            Dtype::BF16 => bytes
+                .chunks_exact(2)
+                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            other => {
+                return Err(HassError::UnsupportedDType {
+                    file: self.files[e.file].0.display().to_string(),
+                    name: name.to_string(),
+                    dtype: format!("{other:?}"),
+                })
+            }
         })
     }
 
@@ -95,6 +168,10 @@ impl SafetensorsDir {
                 name: name.to_string(),
             })
     }
+}
+
+fn scale_name(matrix: &str) -> String {
+    format!("{matrix}{ROW_SCALE_SUFFIX}")
 }
 
 fn shard_paths(index: &Path) -> Result<Vec<PathBuf>> {
@@ -129,36 +206,15 @@ impl WeightSource for SafetensorsDir {
 
     fn read_f32(&self, name: &str) -> Result<Vec<f32>> {
         let e = self.entry(name)?;
-        let (path, mmap, data_start) = &self.files[e.file];
-        let bytes = &mmap[data_start + e.start..data_start + e.end];
-        let out = match e.dtype {
-            Dtype::F32 => bytes
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
-            Dtype::F16 => bytes
-                .chunks_exact(2)
-                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            Dtype::BF16 => bytes
-                .chunks_exact(2)
-                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            other => {
-                return Err(HassError::UnsupportedDType {
-                    file: path.display().to_string(),
-                    name: name.to_string(),
-                    dtype: format!("{other:?}"),
-                })
-            }
-        };
-        Ok(out)
+        match self.row_scales.get(name) {
+            Some(s) => self.read_int8_rows(name, e, s),
+            None => self.floats(name, e),
+        }
     }
 
     fn read_ids(&self, name: &str) -> Result<Vec<i64>> {
         let e = self.entry(name)?;
-        let (_, mmap, data_start) = &self.files[e.file];
-        let bytes = &mmap[data_start + e.start..data_start + e.end];
+        let bytes = self.bytes(e);
         Ok(match e.dtype {
             Dtype::I64 => bytes
                 .chunks_exact(8)

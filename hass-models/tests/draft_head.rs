@@ -7,7 +7,7 @@ mod common;
 use common::*;
 use hass_core::HassError;
 use hass_models::{
-    load_hf_model, DraftHead, Llama, LogitRows, SafetensorsDir, SaveOptions, WeightDtype,
+    load_hf_model, DraftHead, Llama, LogitRows, SafetensorsDir, HeadDtype, SaveOptions,
     WeightSource,
 };
 
@@ -204,7 +204,7 @@ fn a_saved_random_head_loads_back_identically() {
     // The distribution form: f16, without the embedding copy; same outputs to f16 precision.
     let slim = tempfile::tempdir().unwrap();
     let opts = SaveOptions {
-        dtype: WeightDtype::F16,
+        dtype: HeadDtype::F16,
         with_embedding: false,
     };
     head.save_as(slim.path(), &t, opts).unwrap();
@@ -220,4 +220,23 @@ fn a_saved_random_head_loads_back_identically() {
         .zip(&c)
         .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
     assert!(err <= 2e-3 * scale, "f16 head error {err} (scale {scale})");
+
+    // The compact form: int8 matrices with per-row scales, read back transparently
+    // (the scales are not tensors of their own), about half of f16's bytes.
+    let compact = tempfile::tempdir().unwrap();
+    let opts = SaveOptions {
+        dtype: HeadDtype::Int8Rows,
+        with_embedding: false,
+    };
+    head.save_as(compact.path(), &t, opts).unwrap();
+    let names = SafetensorsDir::open(compact.path()).unwrap().tensor_names();
+    assert!(names.iter().all(|n| !n.ends_with(".row_scale")), "{names:?}");
+    let size = |d: &tempfile::TempDir| std::fs::metadata(d.path().join("model.safetensors")).unwrap().len();
+    assert!(size(&compact) * 10 < size(&slim) * 6, "{} vs {}", size(&compact), size(&slim));
+    let c = run(&DraftHead::load(compact.path(), &t).unwrap());
+    let err = a
+        .iter()
+        .zip(&c)
+        .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    assert!(err <= 2e-2 * scale, "int8 head error {err} (scale {scale})");
 }

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use burn::tensor::{Tensor, TensorData};
 use common::*;
-use hass_models::{load_hf_model, DraftHead, DraftVocab, Llama, SaveOptions, WeightDtype};
+use hass_models::{load_hf_model, DraftHead, DraftVocab, Llama, HeadDtype, SaveOptions};
 use safetensors::{Dtype, SafeTensors};
 
 fn target() -> Llama<B> {
@@ -96,7 +96,7 @@ fn reduced_head_scores_its_tokens_and_round_trips() {
     // f16, no embedding: loads, same greedy choices.
     let slim = tempfile::tempdir().unwrap();
     let opts = SaveOptions {
-        dtype: WeightDtype::F16,
+        dtype: HeadDtype::F16,
         with_embedding: false,
     };
     head.save_as(slim.path(), &t, opts).unwrap();

@@ -11,7 +11,8 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use hass_models::assets::{ensure, Asset};
 use hass_models::{
-    default_device, load_model, DefaultBackend, DraftHead, LoadedModel, SaveOptions, WeightDtype,
+    default_device, load_model, DefaultBackend, DraftHead, HeadDtype, LoadedModel, SaveOptions,
+    WeightDtype,
 };
 use hass_train::data::{
     generate_shards, read_corpus, render_corpus, shuffle_conversations, DatagenOptions,
@@ -96,8 +97,10 @@ enum Command {
         /// Head directory (config.json + model.safetensors).
         #[arg(long)]
         head: PathBuf,
+        /// f32, f16 (EAGLE's layout), or int8-rows (int8 matrices with per-row scales:
+        /// half of f16's size; hass reads it, export it to f16 for other tools).
         #[arg(long, default_value = "f16")]
-        dtype: WeightDtype,
+        dtype: HeadDtype,
         /// Keep embed_tokens.weight (what EAGLE's own loaders expect).
         #[arg(long)]
         with_embedding: bool,

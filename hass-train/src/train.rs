@@ -144,7 +144,7 @@ impl StageConfig {
 pub struct TrainPlan {
     pub stages: Vec<StageConfig>,
     /// Train a head with its own reduced vocabulary of this many target tokens: the
-    /// most frequent under the loss mask of the training split (issue 7 §2; EAGLE-3's
+    /// most frequent under the loss mask of the training split (EAGLE-3's
     /// `draft_vocab_size`). Applies when stage 1 starts from a fresh head; a head
     /// started from keeps its own vocabulary.
     #[serde(default, skip_serializing_if = "Option::is_none")]

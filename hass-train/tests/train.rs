@@ -14,7 +14,7 @@ use hass_train::data::{
 };
 use hass_train::train::{train, RunOptions, StageConfig, TrainPlan};
 
-type B = burn::backend::Flex;
+type B = hass_models::DefaultBackend;
 type AD = burn::backend::Autodiff<B>;
 
 fn fixture() -> LoadedModel<B> {
@@ -81,7 +81,7 @@ fn training_improves_the_head_and_the_checkpoint_decodes_losslessly() {
     train_and_decode(None);
 }
 
-/// The same with a reduced draft vocabulary of half the target's (issue 7 §2): the
+/// The same with a reduced draft vocabulary of half the target's: the
 /// checkpoint carries its own LM head and `d2t`, and decoding stays lossless.
 #[test]
 fn a_reduced_vocabulary_head_trains_and_decodes_losslessly() {

@@ -5,7 +5,9 @@ use std::path::PathBuf;
 
 use hass_models::{load_hf_model, Llama, LogitRows};
 
-pub type B = burn::backend::Flex;
+/// The backend the cargo features pick (the CPU unless `wgpu` or `cuda` is on), so the
+/// backend-generic tests run on a GPU backend when built with its feature.
+pub type B = hass_models::DefaultBackend;
 
 /// A committed fixture model (`tests/fixtures/models/<name>`).
 pub fn fixture_model(name: &str) -> Llama<B> {

@@ -8,7 +8,9 @@ use burn::prelude::*;
 use hass_models::{Llama, LogitRows};
 use safetensors::{Dtype, SafeTensors};
 
-pub type B = burn::backend::Flex;
+/// The backend the cargo features pick (the CPU unless `wgpu` or `cuda` is on), so the
+/// backend-generic tests run on a GPU backend when built with its feature.
+pub type B = hass_models::DefaultBackend;
 
 pub fn fixture_dir(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
