@@ -22,10 +22,9 @@ use crate::report::{summaries, to_markdown, Summary};
 use crate::sweep::{grid, sweep, SweepReport};
 
 /// The committed SmolLM2 heads, used when the default model runs without `--head`.
-const DEFAULT_HEADS: [(&str, &str); 4] = [
+const DEFAULT_HEADS: [(&str, &str); 3] = [
     ("eagle", "smollm2-eagle"),
     ("hass", "smollm2-hass"),
-    ("hass-v8k", "smollm2-hass-v8k"),
     ("hass-v8k-long", "smollm2-hass-v8k-long"),
 ];
 
@@ -35,8 +34,8 @@ pub struct EvalArgs {
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// Draft head as NAME=DIR (repeatable) [default for SmolLM2: the committed
-    /// eagle=heads/smollm2-eagle, hass=heads/smollm2-hass,
-    /// hass-v8k=heads/smollm2-hass-v8k and hass-v8k-long=heads/smollm2-hass-v8k-long]
+    /// eagle=heads/smollm2-eagle, hass=heads/smollm2-hass and
+    /// hass-v8k-long=heads/smollm2-hass-v8k-long]
     #[arg(long = "head")]
     pub heads: Vec<String>,
     /// Storage of the target's weight matrices: auto (a GGUF's quantized blocks as

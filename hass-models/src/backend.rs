@@ -11,6 +11,7 @@ use burn::tensor::activation::softmax;
 use burn::tensor::{DType, TensorPrimitive};
 
 use crate::attention;
+use crate::large_m;
 use crate::quant::{qmatmul, QMatrix};
 use crate::small_m::{self, Weights};
 
@@ -78,7 +79,7 @@ fn matmul<B: Backend>(x: Tensor<B, 2>, w: &Tensor<B, 2>) -> Tensor<B, 2> {
 /// Revision of the CPU kernels and their threading: part of the key of anything cached
 /// from timings (the tree tuner's cost profiles), so an engine whose costs changed
 /// measures again. Bump it with every change that moves a decode or verify cost.
-pub const COST_REVISION: u32 = 4;
+pub const COST_REVISION: u32 = 5;
 
 /// Products with at most this many rows use [`small_m`] on the CPU. Tree verification
 /// stays below it, so decode steps and verifications share one kernel — whose rows do
@@ -101,10 +102,16 @@ fn small_m_max_rows() -> usize {
 impl HassBackend for Flex {
     fn project(x: Tensor<Self, 2>, w: &Tensor<Self, 2>) -> Tensor<Self, 2> {
         let ([m, k], [wk, n]) = (x.dims(), w.dims());
-        if m > small_m_max_rows() || k != wk || x.dtype() != DType::F32 {
+        if k != wk || x.dtype() != DType::F32 {
             return matmul(x, w);
         }
         let wp = w.clone().into_primitive().tensor();
+        if m > small_m_max_rows() {
+            return match wp.as_slice::<f32>() {
+                Some(ws) => on_host(x, n, |xs, out| large_m::matmul(xs, m, k, ws, n, out)),
+                None => matmul(x, w),
+            };
+        }
         let weights = match wp.dtype() {
             DType::F32 => wp.as_slice::<f32>().map(Weights::F32),
             DType::F16 => wp.as_slice::<half::f16>().map(Weights::F16),
@@ -143,10 +150,11 @@ impl HassBackend for Flex {
         )
     }
 
-    /// Up to [`SMALL_M_MAX_ROWS`] · 8 query rows (decode steps, tree verification and
-    /// draft steps of up to 64 tokens with up to 8 query heads per KV head) attend row
-    /// by row on the host ([`crate::attention`]): batch invariant, and no copy of the
-    /// cache. Longer prefills keep Burn's batched matmuls.
+    /// f32 queries attend row by row on the host ([`crate::attention`], both cores):
+    /// batch invariant for decode steps, tree verification and draft steps, and no
+    /// copy of the cache. Long prefills gain most: Burn's batched matmuls materialise
+    /// every `[rows, len]` score matrix (37 MB per SmolLM2 layer at 1,024 tokens) on
+    /// one core, where a row here keeps its scores in cache and skips hidden keys.
     fn attention(
         q: Tensor<Self, 4>,
         k: Tensor<Self, 4>,
@@ -157,8 +165,8 @@ impl HassBackend for Flex {
         let ([_, groups, rows, hd], [_, _, len, _]) = (q.dims(), k.dims());
         let kp: FlexTensor = k.clone().into_primitive().tensor();
         let vp: FlexTensor = v.clone().into_primitive().tensor();
-        let small = rows <= SMALL_M_MAX_ROWS * 8 && q.dtype() == DType::F32;
-        let (Some(kv_k), Some(kv_v), true) = (kv_view(&kp), kv_view(&vp), small) else {
+        let f32_q = q.dtype() == DType::F32;
+        let (Some(kv_k), Some(kv_v), true) = (kv_view(&kp), kv_view(&vp), f32_q) else {
             return default_attention(q, k, v, mask, scale);
         };
         let device = q.device();
@@ -171,7 +179,6 @@ impl HassBackend for Flex {
                 .into_vec::<bool>()
                 .expect("bool mask")
         });
-        let visible = |r: usize, j: usize| mask.as_ref().is_none_or(|m| !m[r * len + j]);
         let mut out = vec![0f32; groups * rows * hd];
         attention::attend(
             qs,
@@ -182,7 +189,7 @@ impl HassBackend for Flex {
             hd,
             len,
             scale as f32,
-            &visible,
+            mask.as_deref(),
             &mut out,
         );
         Tensor::from_primitive(TensorPrimitive::Float(FlexTensor::from_data(

@@ -10,6 +10,7 @@ pub mod gguf;
 pub mod gguf_tokenizer;
 pub mod hf;
 pub mod kv_cache;
+mod large_m;
 mod layer;
 pub mod linear;
 pub mod llama;

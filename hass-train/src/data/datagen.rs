@@ -37,10 +37,9 @@ pub struct DatagenOptions {
     /// A name for the target, recorded in the manifest and every shard.
     pub model_name: String,
     /// Samples run concurrently (threads sharing the model); the output is identical
-    /// for any value (it is not part of the manifest). Keep 1 on a GPU. On the 2-core
-    /// dev VM with burn-flex, 2 workers gave no gain (89 vs 94 tokens/s on SmolLM2:
-    /// long prefills are bound by attention memory traffic); it may help on CPUs with
-    /// more cores and memory bandwidth.
+    /// for any value (it is not part of the manifest). Keep 1 on a GPU, and on the CPU,
+    /// where one sample's prefill already runs its products and attention on every
+    /// core; more workers may help where one sample cannot fill the cores.
     pub workers: usize,
 }
 
