@@ -4,7 +4,7 @@
 #   .device/bin/*.xz     stripped, xz-compressed binaries (generate, speculate,
 #                        hass-bench, hass-train) built with the chosen backend feature
 #   .device/model/part-* the SmolLM2 GGUF split into pieces that fit a call
-#   .device/data/        a ShareGPT slice for datagen and training there
+#   .device/data/        a ShareGPT slice (1,000 conversations, ~7 MB) for datagen there
 #   .device/MANIFEST     sha256 of every piece and of the joined model
 #
 #   scripts/device/pack.sh [cuda|wgpu|cpu] [PART_MIB]    (default: cuda, 30)
@@ -38,7 +38,7 @@ sha256sum "$model" | sed 's|  .*|  SmolLM2-135M-Instruct.Q4_1.gguf|' > .device/M
 
 sharegpt="$(scripts/fetch_assets.sh sharegpt | tail -1)"
 # Conversations 0..N of the file: datagen there shuffles with its own seed.
-python3 scripts/sharegpt_subset.py --sharegpt "$sharegpt" --contains '' --limit "${DEVICE_CONVERSATIONS:-3000}" \
+python3 scripts/sharegpt_subset.py --sharegpt "$sharegpt" --contains '' --limit "${DEVICE_CONVERSATIONS:-1000}" \
     --out .device/data/sharegpt.jsonl
 (cd .device && find bin data model -type f | sort | xargs sha256sum) >> .device/MANIFEST
 du -sh .device/* | sed 's/^/packed: /'

@@ -59,7 +59,7 @@ for s in "${steps[@]}"; do
                 --sets mt_bench --limit 10 --temperatures 0 --max-new-tokens 128 --out "$out/eval" ;;
         train)
             step datagen 180 hass-train datagen --model "$model" --corpus "$stash/data/sharegpt.jsonl" \
-                --limit "${DEVICE_DATAGEN_LIMIT:-1000}" --max-len 1024 --out "$work/data"
+                --limit "${DEVICE_DATAGEN_LIMIT:-0}" --max-len 1024 --out "$work/data"
             # One epoch per invocation: a timeout loses at most the epoch under way.
             step train 300 hass-train train --model "$model" --data "$work/data" \
                 --config configs/smollm2-hass-v8k.json --stop-after-epochs 1 --out "$work/run"
