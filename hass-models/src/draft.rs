@@ -91,7 +91,9 @@ impl std::str::FromStr for HeadDtype {
             "f32" => Ok(HeadDtype::F32),
             "f16" => Ok(HeadDtype::F16),
             "int8-rows" | "int8" => Ok(HeadDtype::Int8Rows),
-            other => Err(format!("unknown head dtype `{other}` (f32, f16, int8-rows)")),
+            other => Err(format!(
+                "unknown head dtype `{other}` (f32, f16, int8-rows)"
+            )),
         }
     }
 }
@@ -360,7 +362,9 @@ impl<B: HassBackend> DraftHead<B> {
                     d.iter().flat_map(|x| (*x as i64).to_le_bytes()).collect(),
                 ),
                 ("t2d", _) => (Dtype::BOOL, d.iter().map(|x| (*x != 0.0) as u8).collect()),
-                (_, HeadDtype::F32) => (Dtype::F32, d.iter().flat_map(|x| x.to_le_bytes()).collect()),
+                (_, HeadDtype::F32) => {
+                    (Dtype::F32, d.iter().flat_map(|x| x.to_le_bytes()).collect())
+                }
                 (_, HeadDtype::Int8Rows) if s.len() == 2 => {
                     let (q, scales) = int8_rows(d, s[1]);
                     let scale_bytes = scales.iter().flat_map(|x| x.to_le_bytes()).collect();
@@ -505,7 +509,10 @@ fn int8_rows(d: &[f32], cols: usize) -> (Vec<u8>, Vec<f32>) {
         let amax = row.iter().fold(0f32, |m, x| m.max(x.abs()));
         let scale = if amax > 0.0 { amax / 127.0 } else { 1.0 };
         scales.push(scale);
-        q.extend(row.iter().map(|x| (x / scale).round().clamp(-127.0, 127.0) as i8 as u8));
+        q.extend(
+            row.iter()
+                .map(|x| (x / scale).round().clamp(-127.0, 127.0) as i8 as u8),
+        );
     }
     (q, scales)
 }

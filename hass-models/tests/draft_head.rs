@@ -7,7 +7,7 @@ mod common;
 use common::*;
 use hass_core::HassError;
 use hass_models::{
-    load_hf_model, DraftHead, Llama, LogitRows, SafetensorsDir, HeadDtype, SaveOptions,
+    load_hf_model, DraftHead, HeadDtype, Llama, LogitRows, SafetensorsDir, SaveOptions,
     WeightSource,
 };
 
@@ -230,9 +230,21 @@ fn a_saved_random_head_loads_back_identically() {
     };
     head.save_as(compact.path(), &t, opts).unwrap();
     let names = SafetensorsDir::open(compact.path()).unwrap().tensor_names();
-    assert!(names.iter().all(|n| !n.ends_with(".row_scale")), "{names:?}");
-    let size = |d: &tempfile::TempDir| std::fs::metadata(d.path().join("model.safetensors")).unwrap().len();
-    assert!(size(&compact) * 10 < size(&slim) * 6, "{} vs {}", size(&compact), size(&slim));
+    assert!(
+        names.iter().all(|n| !n.ends_with(".row_scale")),
+        "{names:?}"
+    );
+    let size = |d: &tempfile::TempDir| {
+        std::fs::metadata(d.path().join("model.safetensors"))
+            .unwrap()
+            .len()
+    };
+    assert!(
+        size(&compact) * 10 < size(&slim) * 6,
+        "{} vs {}",
+        size(&compact),
+        size(&slim)
+    );
     let c = run(&DraftHead::load(compact.path(), &t).unwrap());
     let err = a
         .iter()

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use burn::tensor::{Tensor, TensorData};
 use common::*;
-use hass_models::{load_hf_model, DraftHead, DraftVocab, Llama, HeadDtype, SaveOptions};
+use hass_models::{load_hf_model, DraftHead, DraftVocab, HeadDtype, Llama, SaveOptions};
 use safetensors::{Dtype, SafeTensors};
 
 fn target() -> Llama<B> {
