@@ -28,6 +28,27 @@ impl Kv<'_> {
     }
 }
 
+/// What one query row attends over: group `g`'s keys and values, and the score scale.
+#[derive(Clone, Copy)]
+struct Group<'a> {
+    k: Kv<'a>,
+    v: Kv<'a>,
+    g: usize,
+    scale: f32,
+}
+
+impl Group<'_> {
+    #[inline(always)]
+    fn key(&self, j: usize, hd: usize) -> &[f32] {
+        self.k.row(self.g, j, hd)
+    }
+
+    #[inline(always)]
+    fn value(&self, j: usize, hd: usize) -> &[f32] {
+        self.v.row(self.g, j, hd)
+    }
+}
+
 /// `q [groups, rows, hd]` (contiguous) attending over `len` keys: `out [groups, rows,
 /// hd]`. `hidden` (`[rows, len]`, when given) is true where row `r` of every group may
 /// not see key `j`. The (group, row) pairs are split over the spin pool's threads; each
@@ -62,7 +83,7 @@ pub(crate) fn attend(
             let o = unsafe { std::slice::from_raw_parts_mut(out.get().add(pair * hd), hd) };
             let qr = &q[pair * hd..(pair + 1) * hd];
             let hidden = hidden.map(|m| &m[r * len..(r + 1) * len]);
-            row(qr, k, v, g, hd, scale, hidden, &mut scores, o);
+            row(Group { k, v, g, scale }, qr, hidden, &mut scores, o);
         }
     };
     match parts {
@@ -74,51 +95,36 @@ pub(crate) fn attend(
 /// Below this many multiply-adds a call stays on the calling thread.
 const PAR_MIN_WORK: usize = 1 << 16;
 
-/// One query row of group `g` into `o`; `hidden[j]` hides key `j` from it.
+/// One query row `qr` of `grp` into `o`; `hidden[j]` hides key `j` from it.
 ///
 /// With AVX2 (x86-64) [`row_avx2`] computes it; otherwise [`row_portable`]. Both give
 /// the same bits: they perform the same IEEE operations in the same order (Rust
 /// contracts no multiply-add into an FMA), the AVX2 one only interleaves independent
 /// keys and output chunks.
-#[allow(clippy::too_many_arguments)]
-fn row(
-    qr: &[f32],
-    k: Kv<'_>,
-    v: Kv<'_>,
-    g: usize,
-    hd: usize,
-    scale: f32,
-    hidden: Option<&[bool]>,
-    scores: &mut [f32],
-    o: &mut [f32],
-) {
+fn row(grp: Group<'_>, qr: &[f32], hidden: Option<&[bool]>, scores: &mut [f32], o: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if hd % 32 == 0 && is_x86_feature_detected!("avx2") {
+    if qr.len().is_multiple_of(32) && is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU has AVX2, checked just above.
-        return unsafe { row_avx2(qr, k, v, g, hd, scale, hidden, scores, o) };
+        return unsafe { row_avx2(grp, qr, hidden, scores, o) };
     }
-    row_portable(qr, k, v, g, hd, scale, hidden, scores, o)
+    row_portable(grp, qr, hidden, scores, o)
 }
 
 /// The reference order of operations: scores as [`dot`] × scale (−∞ where hidden),
 /// their maximum, `p = exp(s − max)` summed key by key, `o += p · v` key by key, then
 /// `o × (1 / sum)`.
-#[allow(clippy::too_many_arguments)]
 fn row_portable(
+    grp: Group<'_>,
     qr: &[f32],
-    k: Kv<'_>,
-    v: Kv<'_>,
-    g: usize,
-    hd: usize,
-    scale: f32,
     hidden: Option<&[bool]>,
     scores: &mut [f32],
     o: &mut [f32],
 ) {
+    let hd = qr.len();
     let mut max = f32::NEG_INFINITY;
     for (j, s) in scores.iter_mut().enumerate() {
         *s = if !hidden.is_some_and(|m| m[j]) {
-            dot(qr, k.row(g, j, hd)) * scale
+            dot(qr, grp.key(j, hd)) * grp.scale
         } else {
             f32::NEG_INFINITY
         };
@@ -132,7 +138,7 @@ fn row_portable(
         }
         let p = (*s - max).exp();
         sum += p;
-        for (o, &x) in o.iter_mut().zip(v.row(g, j, hd)) {
+        for (o, &x) in o.iter_mut().zip(grp.value(j, hd)) {
             *o += p * x;
         }
     }
@@ -146,20 +152,15 @@ fn row_portable(
 /// visible one are skipped.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-#[allow(clippy::too_many_arguments)]
 unsafe fn row_avx2(
+    grp: Group<'_>,
     qr: &[f32],
-    k: Kv<'_>,
-    v: Kv<'_>,
-    g: usize,
-    hd: usize,
-    scale: f32,
     hidden: Option<&[bool]>,
     scores: &mut [f32],
     o: &mut [f32],
 ) {
     use std::arch::x86_64::*;
-    let len = scores.len();
+    let (hd, len) = (qr.len(), scores.len());
     let is_hidden = |j: usize| hidden.is_some_and(|m| m[j]);
     let end = match hidden {
         Some(m) => m.iter().rposition(|&h| !h).map_or(0, |j| j + 1),
@@ -189,30 +190,29 @@ unsafe fn row_avx2(
     let mut j = 0;
     while j + 4 <= end {
         let a = [
-            lane_sums(k.row(g, j, hd)),
-            lane_sums(k.row(g, j + 1, hd)),
-            lane_sums(k.row(g, j + 2, hd)),
-            lane_sums(k.row(g, j + 3, hd)),
+            lane_sums(grp.key(j, hd)),
+            lane_sums(grp.key(j + 1, hd)),
+            lane_sums(grp.key(j + 2, hd)),
+            lane_sums(grp.key(j + 3, hd)),
         ];
         for (i, acc) in a.into_iter().enumerate() {
             let s = if is_hidden(j + i) {
                 f32::NEG_INFINITY
             } else {
-                fold(acc) * scale
+                fold(acc) * grp.scale
             };
             scores[j + i] = s;
             max = max.max(s);
         }
         j += 4;
     }
-    for j in j..end {
-        let s = if is_hidden(j) {
+    for (j, s) in scores.iter_mut().enumerate().take(end).skip(j) {
+        *s = if is_hidden(j) {
             f32::NEG_INFINITY
         } else {
-            fold(lane_sums(k.row(g, j, hd))) * scale
+            fold(lane_sums(grp.key(j, hd))) * grp.scale
         };
-        scores[j] = s;
-        max = max.max(s);
+        max = max.max(*s);
     }
     // Probabilities in place of the scores; 0 marks a key that adds nothing.
     let mut sum = 0f32;
@@ -233,7 +233,7 @@ unsafe fn row_avx2(
                 continue;
             }
             let pv = _mm256_set1_ps(p);
-            let vr = v.row(g, j, hd);
+            let vr = grp.value(j, hd);
             for (i, a) in acc.iter_mut().enumerate() {
                 // SAFETY: c + 32 <= hd = vr.len().
                 let x = unsafe { _mm256_loadu_ps(vr.as_ptr().add(c + 8 * i)) };
@@ -300,9 +300,15 @@ mod tests {
                     let mut s = vec![0f32; len];
                     let (mut a, mut b) = (vec![0f32; hd], vec![0f32; hd]);
                     let m = mask.as_deref();
-                    row_portable(&q, view(&kd), view(&vd), 1, hd, 0.125, m, &mut s, &mut a);
+                    let grp = Group {
+                        k: view(&kd),
+                        v: view(&vd),
+                        g: 1,
+                        scale: 0.125,
+                    };
+                    row_portable(grp, &q, m, &mut s, &mut a);
                     // SAFETY: AVX2 checked above.
-                    unsafe { row_avx2(&q, view(&kd), view(&vd), 1, hd, 0.125, m, &mut s, &mut b) };
+                    unsafe { row_avx2(grp, &q, m, &mut s, &mut b) };
                     let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
                     assert_eq!(bits(&a), bits(&b), "hd {hd}, len {len}, mask {mask:?}");
                 }

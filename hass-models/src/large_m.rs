@@ -14,7 +14,8 @@ use crate::spin_pool::{OutPtr, Pool};
 pub(crate) fn matmul(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f32]) {
     assert!(x.len() == m * k && w.len() == k * n && out.len() == m * n);
     let pool = Pool::global();
-    // Column slices of whole 64-column panels, at most one per thread.
+    // At most one column slice per thread and per 64 columns; slice widths are
+    // multiples of 16 (the last one takes the rest).
     let parts = pool.threads().min(n.div_ceil(64)).max(1);
     let per = n.div_ceil(parts).next_multiple_of(16);
     let dst = OutPtr(out.as_mut_ptr());

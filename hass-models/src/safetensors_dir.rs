@@ -137,26 +137,10 @@ impl SafetensorsDir {
     /// The values of a float tensor (`name`, `e`) as f32.
     fn floats(&self, name: &str, e: &Entry) -> Result<Vec<f32>> {
         let bytes = self.bytes(e);
-        Ok(match e.dtype {
-            Dtype::F32 => bytes
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
-            Dtype::F16 => bytes
-                .chunks_exact(2)
-                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            Dtype::BF16 => bytes
-                .chunks_exact(2)
-                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            other => {
-                return Err(HassError::UnsupportedDType {
-                    file: self.files[e.file].0.display().to_string(),
-                    name: name.to_string(),
-                    dtype: format!("{other:?}"),
-                })
-            }
+        decode_floats(e.dtype, bytes).ok_or_else(|| HassError::UnsupportedDType {
+            file: self.files[e.file].0.display().to_string(),
+            name: name.to_string(),
+            dtype: format!("{:?}", e.dtype),
         })
     }
 
@@ -168,6 +152,25 @@ impl SafetensorsDir {
                 name: name.to_string(),
             })
     }
+}
+
+/// Little-endian f32, f16 or bf16 tensor bytes as f32; `None` for any other dtype.
+pub fn decode_floats(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
+    Some(match dtype {
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        Dtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        Dtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        _ => return None,
+    })
 }
 
 fn scale_name(matrix: &str) -> String {

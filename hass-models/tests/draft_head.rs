@@ -201,35 +201,31 @@ fn a_saved_random_head_loads_back_identically() {
     let a = to_vec(a);
     assert_eq!(a, run(&again));
 
-    // The distribution form: f16, without the embedding copy; same outputs to f16 precision.
-    let slim = tempfile::tempdir().unwrap();
-    let opts = SaveOptions {
-        dtype: HeadDtype::F16,
-        with_embedding: false,
+    // Saved without the embedding copy in `dtype`: the directory and its tensor names.
+    let save = |dtype| {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = SaveOptions {
+            dtype,
+            with_embedding: false,
+        };
+        head.save_as(dir.path(), &t, opts).unwrap();
+        let names = SafetensorsDir::open(dir.path()).unwrap().tensor_names();
+        (dir, names)
     };
-    head.save_as(slim.path(), &t, opts).unwrap();
-    let names = SafetensorsDir::open(slim.path()).unwrap().tensor_names();
+    let scale = a.iter().fold(0f32, |m, x| m.max(x.abs()));
+
+    // The distribution form: f16, without the embedding copy; same outputs to f16 precision.
+    let (slim, names) = save(HeadDtype::F16);
     assert!(
         names.iter().all(|n| n != "embed_tokens.weight"),
         "{names:?}"
     );
-    let c = run(&DraftHead::load(slim.path(), &t).unwrap());
-    let scale = a.iter().fold(0f32, |m, x| m.max(x.abs()));
-    let err = a
-        .iter()
-        .zip(&c)
-        .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    let err = max_abs_diff(&a, &run(&DraftHead::load(slim.path(), &t).unwrap()));
     assert!(err <= 2e-3 * scale, "f16 head error {err} (scale {scale})");
 
     // The compact form: int8 matrices with per-row scales, read back transparently
     // (the scales are not tensors of their own), about half of f16's bytes.
-    let compact = tempfile::tempdir().unwrap();
-    let opts = SaveOptions {
-        dtype: HeadDtype::Int8Rows,
-        with_embedding: false,
-    };
-    head.save_as(compact.path(), &t, opts).unwrap();
-    let names = SafetensorsDir::open(compact.path()).unwrap().tensor_names();
+    let (compact, names) = save(HeadDtype::Int8Rows);
     assert!(
         names.iter().all(|n| !n.ends_with(".row_scale")),
         "{names:?}"
@@ -245,10 +241,6 @@ fn a_saved_random_head_loads_back_identically() {
         size(&compact),
         size(&slim)
     );
-    let c = run(&DraftHead::load(compact.path(), &t).unwrap());
-    let err = a
-        .iter()
-        .zip(&c)
-        .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    let err = max_abs_diff(&a, &run(&DraftHead::load(compact.path(), &t).unwrap()));
     assert!(err <= 2e-2 * scale, "int8 head error {err} (scale {scale})");
 }

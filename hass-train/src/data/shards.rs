@@ -608,20 +608,8 @@ impl ShardDataset {
             _ => mask_b.iter().map(|&b| (b != 0) as u8 as f32).collect(),
         };
         let hid_b = read(loc.hidden, len * h)?;
-        let hidden = match loc.hidden.1 {
-            Dtype::F16 => hid_b
-                .chunks_exact(2)
-                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            Dtype::BF16 => hid_b
-                .chunks_exact(2)
-                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            _ => hid_b
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-                .collect(),
-        };
+        let hidden = hass_models::safetensors_dir::decode_floats(loc.hidden.1, &hid_b)
+            .expect("feature dtype checked at open: f16, bf16 or f32");
         Ok(TrainSample {
             input_ids,
             loss_mask,
