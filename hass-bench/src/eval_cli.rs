@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use hass_core::tree::TreeParams;
-use hass_infer::tuning::{AutoTree, TreeSpec};
+use hass_infer::tuning::{AutoTree, ResolvedTree, TreeSpec};
 use hass_models::assets::{ensure, find_data, Asset};
 use hass_models::backend::backend_name;
 use hass_models::{default_device, load_model, DefaultBackend, DraftHead, WeightDtype};
@@ -242,7 +242,9 @@ pub fn run_eval(args: EvalArgs) -> Result<()> {
 
     let mut trees = Vec::new();
     for ((name, head), (_, dir)) in heads.iter().zip(&head_dirs) {
-        let (tree, auto) = spec.resolve(&target, head, dir, args.dtype)?;
+        // A benchmark measures the head even where `auto` would decode plainly: it
+        // runs the best tree, and the report says what `auto` decided.
+        let ResolvedTree { tree, auto } = spec.resolve(&target, head, dir, args.dtype)?;
         if let Some(a) = &auto {
             eprintln!("{name}: {a}");
         }
@@ -304,8 +306,15 @@ pub fn run_eval(args: EvalArgs) -> Result<()> {
                 t.tree.depth,
                 t.tree.top_k,
                 t.auto.as_ref().map_or(String::new(), |a| format!(
-                    " (auto, predicted τ {:.2})",
-                    a.choice.expected_tau
+                    " (auto, predicted τ {:.2}, {:.1} vs vanilla {:.1} tokens/s{})",
+                    a.choice.expected_tau,
+                    a.choice.tokens_per_s,
+                    a.vanilla_tokens_per_s,
+                    if a.speculate {
+                        ""
+                    } else {
+                        "; auto would decode plainly"
+                    }
                 ))
             ))
             .collect::<Vec<_>>()

@@ -16,8 +16,12 @@
 //! `E[τ] / round time`, with `E[τ] = 1 + Σ_nodes P(node accepted)` for the tree
 //! EAGLE-2 would grow if the head's probabilities were these rates (per-level rank
 //! rates multiplied along the path; the best `top_k` nodes of each level expanded, the
-//! best `total_tokens` kept). It is a model: the chosen tree is what it predicts best,
-//! and `hass-bench` measures what it really does.
+//! best `total_tokens` kept). It is a model, so [`measure`] calibrates it: the tree it
+//! ranks first is run end to end on the calibration prompts next to plain decoding
+//! ([`Validation`]), and the measured round time and decode step replace the modelled
+//! ones. `auto` ([`TreeSpec::resolve`]) then decodes plainly unless the best tree is
+//! predicted faster than vanilla: speculation must never make a user's decoding
+//! slower.
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -31,8 +35,10 @@ use hass_models::{DraftHead, HassBackend, Llama, LoadedModel, LogitRows, WeightD
 use serde::{Deserialize, Serialize};
 
 use crate::generation::GenerationConfig;
+use crate::generator::Generator;
 use crate::proposer::{draft_step, head_top_k};
 use crate::speculative::SpeculativeGenerator;
+use crate::vanilla::VanillaGenerator;
 
 /// Measured costs of the pieces of a speculative round, in milliseconds.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -48,6 +54,20 @@ pub struct CostProfile {
     pub other_ms: f64,
     /// Cache length the curves were measured at.
     pub context: usize,
+    /// A plain decode step end to end (forward, logits to the host, sampling),
+    /// measured on the calibration prompts: what vanilla decoding really costs per
+    /// token, where `verify(1)` times the forward alone.
+    #[serde(default)]
+    pub vanilla_step_ms: Option<f64>,
+    /// Measured over modelled time of a speculative round, from the end-to-end run of
+    /// the best tree ([`Validation`]): every round is scaled by it, so the predictions
+    /// for this machine agree with what decoding measured (1 before that run).
+    #[serde(default = "unit_scale")]
+    pub round_scale: f64,
+}
+
+fn unit_scale() -> f64 {
+    1.0
 }
 
 /// Piecewise-linear through `points` (ascending x), extended linearly past both ends.
@@ -78,14 +98,18 @@ impl CostProfile {
     }
 
     /// A speculative round with tree `p`: `depth` draft steps, the verification of
-    /// the root and `total_tokens` nodes, and the rest.
+    /// the root and `total_tokens` nodes, and the rest, times the calibration.
     pub fn round_ms(&self, p: &TreeParams) -> f64 {
-        p.depth as f64 * self.draft_step(p.top_k) + self.verify(p.total_tokens + 1) + self.other_ms
+        self.round_scale
+            * (p.depth as f64 * self.draft_step(p.top_k)
+                + self.verify(p.total_tokens + 1)
+                + self.other_ms)
     }
 
-    /// A vanilla decode step (one new token).
+    /// A vanilla decode step (one new token): measured end to end when it was, else
+    /// the one-token forward.
     pub fn vanilla_ms(&self) -> f64 {
-        self.verify(1)
+        self.vanilla_step_ms.unwrap_or_else(|| self.verify(1))
     }
 }
 
@@ -181,11 +205,30 @@ pub struct TreeChoice {
     pub tokens_per_s: f64,
 }
 
+/// The best-ranked tree run end to end on the calibration prompts, interleaved with
+/// plain decoding (decode tokens per second, prefill excluded: it is the same forward
+/// for both): what calibrates the cost model on this machine.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Validation {
+    pub tree: TreeParams,
+    /// The model's prediction before calibration.
+    pub predicted_tokens_per_s: f64,
+    pub measured_tokens_per_s: f64,
+    pub predicted_tau: f64,
+    pub measured_tau: f64,
+    /// Plain decoding as the one-token forward alone predicts it, and as measured.
+    pub vanilla_forward_tokens_per_s: f64,
+    pub vanilla_measured_tokens_per_s: f64,
+}
+
 /// A cost profile and acceptance statistics: what the tree is chosen from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Tuning {
     pub costs: CostProfile,
     pub acceptance: AcceptanceStats,
+    /// The end-to-end check of the best tree of the default grid, when measured.
+    #[serde(default)]
+    pub validation: Option<Validation>,
 }
 
 impl Tuning {
@@ -239,6 +282,25 @@ impl Tuning {
     /// Vanilla decoding's predicted tokens per second (one token per step).
     pub fn vanilla_tokens_per_s(&self) -> f64 {
         1e3 / self.costs.vanilla_ms()
+    }
+
+    /// The `auto` decision from this tuning (read from or written to `path`).
+    pub fn auto_tree(&self, path: PathBuf, measured: bool) -> Result<AutoTree> {
+        let choice = self.best(&TuneGrid::default())?;
+        Ok(AutoTree {
+            speculate: self.speculation_pays(&choice),
+            choice,
+            vanilla_tokens_per_s: self.vanilla_tokens_per_s(),
+            validation: self.validation.clone(),
+            path,
+            measured,
+        })
+    }
+
+    /// Whether speculating with `choice` is predicted to beat plain decoding (after
+    /// calibration, for the validated tree this is what its run measured).
+    pub fn speculation_pays(&self, choice: &TreeChoice) -> bool {
+        choice.tokens_per_s > self.vanilla_tokens_per_s()
     }
 
     /// Reads a tuning written by [`Tuning::save`].
@@ -388,29 +450,34 @@ pub fn measure<B: HassBackend>(
             "verify sizes must be ascending and start at 1".into(),
         ));
     }
-    // Calibration text, and the rest-of-round cost on real rounds (T = 0, so the
-    // output is the target's own greedy continuation).
-    let cheapest = TreeParams::new(1, 0, 1)?;
-    let mut gen = SpeculativeGenerator::builder(target)
-        .head(head)
-        .tree(cheapest)
-        .build()?;
+    // Calibration text, the cost of a plain decode step end to end, and the
+    // rest-of-round cost on real rounds (T = 0, so the output is the target's own
+    // greedy continuation).
     let cfg = GenerationConfig {
         max_new_tokens: opts.gen_tokens,
         stop_tokens: vec![u32::MAX],
         ..Default::default()
     };
-    let (mut other, mut rounds) = (Duration::ZERO, 0usize);
-    let mut sequences = Vec::new();
-    for prompt in &opts.prompts {
-        let out = gen.generate(prompt, &cfg, |_| true)?;
-        let st = gen.speculative_stats();
-        other += st.other_time;
-        rounds += st.rounds;
-        let mut seq = prompt.clone();
-        seq.extend(&out.tokens);
-        sequences.push((prompt.len(), seq));
-    }
+    let mut vanilla: Generator<'_, B> = VanillaGenerator::new(target).into();
+    let calibration = decode_all(&mut vanilla, &opts.prompts, &cfg)?;
+    let speculative = |tree| -> Result<Generator<'_, B>> {
+        Ok(SpeculativeGenerator::builder(target)
+            .head(head)
+            .tree(tree)
+            .build()?
+            .into())
+    };
+    let rounds = decode_all(
+        &mut speculative(TreeParams::new(1, 0, 1)?)?,
+        &opts.prompts,
+        &cfg,
+    )?;
+    let sequences: Vec<(usize, Vec<u32>)> = opts
+        .prompts
+        .iter()
+        .zip(&calibration.outputs)
+        .map(|(prompt, out)| (prompt.len(), [prompt.as_slice(), out].concat()))
+        .collect();
     let mut acceptance = AcceptanceStats::new(opts.levels, opts.max_k);
     let mut first_features = None;
     for (start, seq) in &sequences {
@@ -473,15 +540,101 @@ pub fn measure<B: HassBackend>(
         )?;
         draft_step_ms.push((k, ms));
     }
-    Ok(Tuning {
+    let mut tuning = Tuning {
         costs: CostProfile {
             verify_ms,
             draft_step_ms,
-            other_ms: other.as_secs_f64() * 1e3 / rounds.max(1) as f64,
+            other_ms: rounds.other.as_secs_f64() * 1e3 / rounds.rounds.max(1) as f64,
             context: n,
+            vanilla_step_ms: None,
+            round_scale: 1.0,
         },
         acceptance,
-    })
+        validation: None,
+    };
+    // The model's first choice and plain decoding, run end to end, interleaved prompt
+    // by prompt so that a change in the machine's load hits both alike.
+    let best = tuning.best(&TuneGrid::default())?;
+    let mut spec = speculative(best.params)?;
+    let (mut v, mut s) = (Decoded::default(), Decoded::default());
+    for prompt in &opts.prompts {
+        v.add(&mut vanilla, prompt, &cfg)?;
+        s.add(&mut spec, prompt, &cfg)?;
+    }
+    if v.tokens > 0 && s.rounds > 0 {
+        tuning.costs.vanilla_step_ms = Some(1e3 / v.tokens_per_s());
+        tuning.costs.round_scale = s.ms_per_round() / best.round_ms;
+        tuning.validation = Some(Validation {
+            tree: best.params,
+            predicted_tokens_per_s: best.tokens_per_s,
+            measured_tokens_per_s: s.tokens_per_s(),
+            predicted_tau: best.expected_tau,
+            measured_tau: s.tau(),
+            vanilla_forward_tokens_per_s: 1e3 / tuning.costs.verify(1),
+            vanilla_measured_tokens_per_s: v.tokens_per_s(),
+        });
+    }
+    Ok(tuning)
+}
+
+/// Decode-phase totals of requests (each request's first token excluded: its
+/// prefill makes it).
+#[derive(Default)]
+struct Decoded {
+    outputs: Vec<Vec<u32>>,
+    tokens: usize,
+    time: Duration,
+    /// Speculative rounds, the draft tokens they accepted, and their time outside
+    /// drafting and verification (zero for plain decoding).
+    rounds: usize,
+    accepted: usize,
+    other: Duration,
+}
+
+impl Decoded {
+    /// Decodes `prompt` with `gen` under `cfg` and adds it up.
+    fn add<B: HassBackend>(
+        &mut self,
+        gen: &mut Generator<'_, B>,
+        prompt: &[u32],
+        cfg: &GenerationConfig,
+    ) -> Result<()> {
+        let out = gen.generate(prompt, cfg, |_| true)?;
+        self.tokens += out.stats.generated_tokens.saturating_sub(1);
+        self.time += out.stats.decode_time;
+        if let Some(st) = gen.speculative_stats() {
+            self.rounds += st.rounds;
+            self.accepted += st.accepted_per_round.iter().sum::<usize>();
+            self.other += st.other_time;
+        }
+        self.outputs.push(out.tokens);
+        Ok(())
+    }
+
+    fn tokens_per_s(&self) -> f64 {
+        self.tokens as f64 / self.time.as_secs_f64().max(1e-9)
+    }
+
+    fn ms_per_round(&self) -> f64 {
+        self.time.as_secs_f64() * 1e3 / self.rounds.max(1) as f64
+    }
+
+    fn tau(&self) -> f64 {
+        1.0 + self.accepted as f64 / self.rounds.max(1) as f64
+    }
+}
+
+/// Decodes every prompt with `gen` under `cfg`.
+fn decode_all<B: HassBackend>(
+    gen: &mut Generator<'_, B>,
+    prompts: &[Vec<u32>],
+    cfg: &GenerationConfig,
+) -> Result<Decoded> {
+    let mut d = Decoded::default();
+    for prompt in prompts {
+        d.add(gen, prompt, cfg)?;
+    }
+    Ok(d)
 }
 
 /// Calibration requests of [`cached_tuning`]: explanation, story, arithmetic and code
@@ -493,6 +646,10 @@ pub const CALIBRATION_PROMPTS: [&str; 4] = [
      Explain step by step.",
     "Write a Python function that returns the n-th Fibonacci number, with a docstring.",
 ];
+
+/// Revision of what a cached [`Tuning`] holds (2: the end-to-end vanilla step and
+/// [`Validation`]); part of its key, so older files are measured again.
+const TUNING_FORMAT: u32 = 2;
 
 /// Size and modification time of `path` (what identifies a weight file in the key).
 fn file_stamp(path: &Path) -> String {
@@ -528,8 +685,8 @@ fn machine_stamp() -> String {
 /// machine: read from `cache_dir/<key>.json`, or measured with
 /// [`CALIBRATION_PROMPTS`] through the model's chat template and written there. The
 /// key covers the target and head files (path, size, mtime), the dtype, the backend
-/// and its [`COST_REVISION`](hass_models::backend::COST_REVISION), the CPU model and
-/// thread count. Returns the tuning, its file, and whether it was measured now.
+/// and its [`COST_REVISION`](hass_models::backend::COST_REVISION), the tuning format,
+/// the CPU model and thread count. Returns the tuning, its file, and whether it was measured now.
 pub fn cached_tuning<B: HassBackend>(
     loaded: &LoadedModel<B>,
     head: &DraftHead<B>,
@@ -542,7 +699,10 @@ pub fn cached_tuning<B: HassBackend>(
         file_stamp(&head_dir.join("model.safetensors")),
         format!("{dtype:?}"),
         std::any::type_name::<B>().to_string(),
-        format!("costs r{}", hass_models::backend::COST_REVISION),
+        format!(
+            "costs r{} tuning v{TUNING_FORMAT}",
+            hass_models::backend::COST_REVISION
+        ),
         machine_stamp(),
     ]
     .join("|");
@@ -609,8 +769,14 @@ impl FromStr for TreeSpec {
 /// How [`TreeSpec::resolve`] chose an `auto` tree.
 #[derive(Debug, Clone, Serialize)]
 pub struct AutoTree {
+    /// The best tree of the default grid.
     pub choice: TreeChoice,
     pub vanilla_tokens_per_s: f64,
+    /// Whether to speculate with it: predicted faster than vanilla by the calibrated
+    /// model ([`Tuning::speculation_pays`]); else decode plainly.
+    pub speculate: bool,
+    /// That tree run end to end on the calibration prompts.
+    pub validation: Option<Validation>,
     /// The cached tuning file.
     pub path: PathBuf,
     /// Measured by this call (else read from the cache).
@@ -618,19 +784,44 @@ pub struct AutoTree {
 }
 
 impl std::fmt::Display for AutoTree {
-    /// One line for the logs: the tree, its prediction, the cache file.
+    /// One line for the logs: the decision, the tree, predicted and measured speeds,
+    /// the cache file.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let p = &self.choice.params;
+        if self.speculate {
+            write!(f, "tree auto = ")?;
+        } else {
+            write!(
+                f,
+                "tree auto: decoding plainly, speculation would be slower; best tree "
+            )?;
+        }
         write!(
             f,
-            "tree auto = total_tokens {}, depth {}, top_k {} (predicted τ {:.2}, {:.1} vs vanilla \
-             {:.1} tokens/s; {} {})",
+            "total_tokens {}, depth {}, top_k {}: predicted τ {:.2}, {:.1} vs vanilla {:.1} \
+             tokens/s",
             p.total_tokens,
             p.depth,
             p.top_k,
             self.choice.expected_tau,
             self.choice.tokens_per_s,
             self.vanilla_tokens_per_s,
+        )?;
+        if let Some(v) = self.validation.as_ref().filter(|v| v.tree == *p) {
+            write!(
+                f,
+                "; measured on calibration prompts τ {:.2}, {:.1} vs vanilla {:.1} tokens/s \
+                 (uncalibrated model: {:.1} vs {:.1})",
+                v.measured_tau,
+                v.measured_tokens_per_s,
+                v.vanilla_measured_tokens_per_s,
+                v.predicted_tokens_per_s,
+                v.vanilla_forward_tokens_per_s
+            )?;
+        }
+        write!(
+            f,
+            " ({} {})",
             if self.measured {
                 "measured now, cached in"
             } else {
@@ -638,6 +829,25 @@ impl std::fmt::Display for AutoTree {
             },
             self.path.display()
         )
+    }
+}
+
+/// A resolved [`TreeSpec`]: the tree, and for `auto` how it was chosen.
+#[derive(Debug, Clone, Serialize)]
+pub struct ResolvedTree {
+    /// The fixed tree, or the best of `auto`'s grid.
+    pub tree: TreeParams,
+    pub auto: Option<AutoTree>,
+}
+
+impl ResolvedTree {
+    /// The tree to speculate with, or `None` where `auto` found that plain decoding
+    /// is faster on this machine ([`AutoTree::speculate`]): decode plainly then.
+    pub fn speculative_tree(&self) -> Option<TreeParams> {
+        match &self.auto {
+            Some(a) if !a.speculate => None,
+            _ => Some(self.tree),
+        }
     }
 }
 
@@ -650,22 +860,20 @@ impl TreeSpec {
         head: &DraftHead<B>,
         head_dir: &Path,
         dtype: WeightDtype,
-    ) -> Result<(TreeParams, Option<AutoTree>)> {
+    ) -> Result<ResolvedTree> {
         match self {
-            TreeSpec::Fixed(p) => Ok((*p, None)),
+            TreeSpec::Fixed(p) => Ok(ResolvedTree {
+                tree: *p,
+                auto: None,
+            }),
             TreeSpec::Auto => {
                 let dir = hass_models::assets::cache_dir().join("tuning");
                 let (t, path, measured) = cached_tuning(loaded, head, head_dir, dtype, &dir)?;
-                let choice = t.best(&TuneGrid::default())?;
-                Ok((
-                    choice.params,
-                    Some(AutoTree {
-                        choice,
-                        vanilla_tokens_per_s: t.vanilla_tokens_per_s(),
-                        path,
-                        measured,
-                    }),
-                ))
+                let auto = t.auto_tree(path, measured)?;
+                Ok(ResolvedTree {
+                    tree: auto.choice.params,
+                    auto: Some(auto),
+                })
             }
         }
     }
@@ -790,8 +998,11 @@ mod tests {
                 draft_step_ms: vec![(1, 3.0), (2, 4.0)],
                 other_ms: 2.0,
                 context: 100,
+                vanilla_step_ms: None,
+                round_scale: 1.0,
             },
             acceptance: stats(&[&[60, 20], &[50, 10]]),
+            validation: None,
         };
         let ranked = t.rank(&TuneGrid::default());
         assert!(ranked
@@ -812,5 +1023,65 @@ mod tests {
         assert_eq!(Tuning::load(&path).unwrap(), t);
         std::fs::write(&path, "{\"costs\": 1}").unwrap();
         assert!(Tuning::load(&path).is_err());
+    }
+
+    /// `auto` speculates only with a tree predicted faster than plain decoding (the
+    /// end-to-end vanilla step and the calibrated round when measured); otherwise it
+    /// decodes plainly.
+    #[test]
+    fn auto_falls_back_to_vanilla_unless_speculation_pays() {
+        let mut t = Tuning {
+            costs: CostProfile {
+                verify_ms: vec![(1, 20.0), (2, 22.0), (4, 30.0)],
+                draft_step_ms: vec![(1, 3.0), (2, 4.0)],
+                other_ms: 2.0,
+                context: 100,
+                vanilla_step_ms: None,
+                round_scale: 1.0,
+            },
+            // The head is right 60% of the time: (1, 0, 1) predicts τ 1.6 in 24 ms,
+            // 66.7 tokens/s against vanilla's 50.
+            acceptance: stats(&[&[60, 20], &[50, 10]]),
+            validation: None,
+        };
+        let auto = |t: &Tuning| t.auto_tree(PathBuf::from("t.json"), false).unwrap();
+        let a = auto(&t);
+        assert!(a.speculate, "{a}");
+        assert_eq!(a.choice.params, TreeParams::new(1, 0, 1).unwrap());
+        assert!(a.to_string().starts_with("tree auto = "), "{a}");
+
+        // Measured end to end, a vanilla step costs 14 ms (71.4 tokens/s): predicted loss.
+        t.costs.vanilla_step_ms = Some(14.0);
+        let a = auto(&t);
+        assert!(
+            !a.speculate && a.to_string().contains("decoding plainly"),
+            "{a}"
+        );
+
+        // Rounds measured 1.5× the model's time: τ 1.6 in 36 ms is 44.4 tokens/s,
+        // below vanilla's measured 50.
+        t.costs.vanilla_step_ms = Some(20.0);
+        t.costs.round_scale = 1.5;
+        t.validation = Some(Validation {
+            tree: TreeParams::new(1, 0, 1).unwrap(),
+            predicted_tokens_per_s: 66.7,
+            measured_tokens_per_s: 44.4,
+            predicted_tau: 1.6,
+            measured_tau: 1.6,
+            vanilla_forward_tokens_per_s: 50.0,
+            vanilla_measured_tokens_per_s: 50.0,
+        });
+        let a = auto(&t);
+        assert!((a.choice.tokens_per_s - 1.6 / 36.0 * 1e3).abs() < 1e-9);
+        assert!(!a.speculate, "{a}");
+        assert!(
+            a.to_string().contains("τ 1.60, 44.4 vs vanilla 50.0"),
+            "{a}"
+        );
+        t.costs.round_scale = 1.2;
+        assert!(auto(&t).speculate);
+        // Heads no better than chance never pay.
+        t.acceptance = stats(&[&[0, 0], &[0, 0]]);
+        assert!(!auto(&t).speculate);
     }
 }

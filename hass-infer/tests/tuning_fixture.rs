@@ -56,7 +56,27 @@ fn tuning_measures_and_its_choice_is_lossless() {
         .all(|r| r.params.depth < 3 && r.params.top_k <= 4 && r.params.total_tokens < 16));
     let best = t.best(&TuneGrid::default()).unwrap();
     assert_eq!(best, ranked[0]);
-
+    // The vanilla step and the best tree were measured end to end, and the rounds
+    // calibrated: for the validated tree, prediction and measurement now agree.
+    assert!(c.vanilla_step_ms.is_some_and(|ms| ms > 0.0));
+    let v = t.validation.as_ref().expect("validated");
+    assert_eq!(v.tree, best.params);
+    assert!(v.measured_tokens_per_s > 0.0 && v.vanilla_measured_tokens_per_s > 0.0);
+    assert!(v.measured_tau >= 1.0 && v.measured_tau <= best.params.depth as f64 + 2.0);
+    assert!(c.round_scale > 0.0 && c.round_scale.is_finite());
+    let rel = |a: f64, b: f64| (a - b).abs() / b;
+    assert!(rel(v.predicted_tokens_per_s / c.round_scale, best.tokens_per_s) < 1e-9);
+    assert!(rel(t.vanilla_tokens_per_s(), v.vanilla_measured_tokens_per_s) < 1e-9);
+    // Measured τ is over the rounds that ran, predicted τ an expectation: the
+    // calibrated tokens/s match the measured ones up to that difference (and the last
+    // round of a request, whose tokens past the limit are dropped).
+    assert!(
+        rel(
+            best.tokens_per_s * v.measured_tau / best.expected_tau,
+            v.measured_tokens_per_s
+        ) < 0.1,
+        "{v:?} vs {best:?}"
+    );
     let cfg = GenerationConfig {
         max_new_tokens: 24,
         stop_tokens: vec![u32::MAX],

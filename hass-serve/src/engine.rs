@@ -297,7 +297,8 @@ fn load_head(
     Ok(Some((dir, head)))
 }
 
-/// Speculative decoding with `head` (its tree resolved, tuned if `auto`), or vanilla.
+/// Speculative decoding with `head` (its tree resolved, tuned if `auto`), or vanilla:
+/// without a head, or where `auto` measured speculation slower on this machine.
 fn build_generator<'a>(
     options: &EngineOptions,
     loaded: &'a LoadedModel<B>,
@@ -306,13 +307,16 @@ fn build_generator<'a>(
     let Some((dir, head)) = head else {
         return Ok(VanillaGenerator::new(&loaded.model).into());
     };
-    let (tree, auto) = options
+    let resolved = options
         .tree
         .resolve(loaded, head, dir, options.dtype)
         .map_err(load_err("the draft tree"))?;
-    if let Some(a) = auto {
+    if let Some(a) = &resolved.auto {
         eprintln!("{a}");
     }
+    let Some(tree) = resolved.speculative_tree() else {
+        return Ok(VanillaGenerator::new(&loaded.model).into());
+    };
     let generator = SpeculativeGenerator::builder(&loaded.model)
         .head(head)
         .tree(tree)

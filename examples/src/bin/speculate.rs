@@ -15,7 +15,8 @@
 //! The tree defaults to `auto`: the shape with the best predicted tokens/s from this
 //! machine's measured costs and the head's acceptance (`hass_infer::tuning`), measured
 //! once per target, head, dtype and machine (tens of seconds) and cached in
-//! `$HASS_CACHE/tuning/`.
+//! `$HASS_CACHE/tuning/`. Where that tree, run on calibration prompts, is not faster
+//! than plain decoding, `auto` decodes plainly and says so.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -25,7 +26,7 @@ use clap::Parser;
 use hass_core::chat::ChatMessage;
 use hass_core::sampling::SamplingParams;
 use hass_infer::tuning::TreeSpec;
-use hass_infer::{GenerationConfig, SpeculativeGenerator, VanillaGenerator};
+use hass_infer::{GenerationConfig, Generator, SpeculativeGenerator, VanillaGenerator};
 use hass_models::assets::{ensure, find_data, Asset, DEFAULT_HEAD};
 use hass_models::{default_device, load_model, DefaultBackend, DraftHead, WeightDtype};
 
@@ -96,10 +97,10 @@ fn main() -> Result<()> {
     };
     let head;
     let builder = SpeculativeGenerator::builder(m);
-    let mut generator = match draft.as_str() {
+    let mut generator: Generator<_> = match draft.as_str() {
         "oracle" => {
             eprintln!("drafter: oracle (the target drafts for itself; a correctness check, slower than vanilla)");
-            builder.oracle(args.oracle_depth).build()?
+            builder.oracle(args.oracle_depth).build()?.into()
         }
         name => {
             head = if name == "random" {
@@ -109,19 +110,21 @@ fn main() -> Result<()> {
                 eprintln!("drafter: {name}");
                 DraftHead::load(name, m)?
             };
-            let (tree, auto) =
+            let resolved =
                 args.tree
                     .resolve(&loaded, &head, std::path::Path::new(name), args.dtype)?;
-            if let Some(a) = &auto {
+            if let Some(a) = &resolved.auto {
                 eprintln!("{a}");
             }
-            builder.head(&head).tree(tree).build()?
+            match resolved.speculative_tree() {
+                Some(tree) => builder.head(&head).tree(tree).build()?.into(),
+                None => VanillaGenerator::new(m).into(),
+            }
         }
     };
     let t = Instant::now();
     let spec = generator.generate(&prompt, &config, |_| true)?;
     let spec_s = t.elapsed().as_secs_f64();
-    let s = generator.speculative_stats();
 
     println!(
         "--- vanilla ({} tokens, {:.1} tokens/s)\n{}",
@@ -130,21 +133,28 @@ fn main() -> Result<()> {
         loaded.tokenizer.decode(&vanilla.tokens, true)?
     );
     println!(
-        "--- speculative ({} tokens, {:.1} tokens/s)\n{}",
+        "--- {} ({} tokens, {:.1} tokens/s)\n{}",
+        if generator.speculative_stats().is_some() {
+            "speculative"
+        } else {
+            "tree auto: plain decoding"
+        },
         spec.tokens.len(),
         spec.tokens.len() as f64 / spec_s,
         loaded.tokenizer.decode(&spec.tokens, true)?
     );
     println!("---");
     println!("identical output: {}", spec.tokens == vanilla.tokens);
-    println!(
-        "tau {:.2} over {} rounds; draft {:.0} ms, verify {:.0} ms, other {:.0} ms",
-        s.tau(),
-        s.rounds,
-        s.draft_time.as_secs_f64() * 1e3,
-        s.verify_time.as_secs_f64() * 1e3,
-        s.other_time.as_secs_f64() * 1e3
-    );
+    if let Some(s) = generator.speculative_stats() {
+        println!(
+            "tau {:.2} over {} rounds; draft {:.0} ms, verify {:.0} ms, other {:.0} ms",
+            s.tau(),
+            s.rounds,
+            s.draft_time.as_secs_f64() * 1e3,
+            s.verify_time.as_secs_f64() * 1e3,
+            s.other_time.as_secs_f64() * 1e3
+        );
+    }
     println!(
         "speedup over vanilla: {:.2}x (wall time, prefill included)",
         vanilla_s / spec_s
