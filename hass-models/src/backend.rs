@@ -55,6 +55,11 @@ pub trait HassBackend: Backend {
     /// weights stay quantized only where it does.
     const QUANT_KERNELS: bool = false;
 
+    /// Whether tensors live in host memory, so reading one on the CPU is a copy, not
+    /// a device transfer: where host-side loops over `[rows, vocab]` data (the fused
+    /// training losses) beat tensor ops.
+    const HOST_MEMORY: bool = false;
+
     /// `x [m, k] · Wᵀ` for a quantized `W [n, k]`; the result is f32. The default
     /// dequantises `W` on every call (correct everywhere, fast nowhere).
     fn project_quant(x: Tensor<Self, 2>, w: &QMatrix) -> Tensor<Self, 2> {
@@ -199,6 +204,7 @@ impl HassBackend for Flex {
     }
 
     const QUANT_KERNELS: bool = true;
+    const HOST_MEMORY: bool = true;
 
     fn project_quant(x: Tensor<Self, 2>, w: &QMatrix) -> Tensor<Self, 2> {
         let [m, k] = x.dims();
@@ -269,7 +275,9 @@ fn default_attention<B: Backend>(
 }
 
 /// Training differentiates through Burn's matmul.
-impl<B: HassBackend, C: CheckpointStrategy> HassBackend for Autodiff<B, C> {}
+impl<B: HassBackend, C: CheckpointStrategy> HassBackend for Autodiff<B, C> {
+    const HOST_MEMORY: bool = B::HOST_MEMORY;
+}
 
 #[cfg(feature = "cuda")]
 impl HassBackend for burn::backend::Cuda {}

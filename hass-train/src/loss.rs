@@ -10,13 +10,19 @@
 //! Two implementations:
 //! - [`TargetDist`] (the training path): the target side (`p`, its top-K and argmax)
 //!   is computed **once per batch**, for the rows with `M > 0` only, and reused by all
-//!   HASS forwards. [`TargetDist::loss`] then evaluates the vocabulary losses of one
-//!   forward in one fused host pass per row (log-sum-exp, both cross-entropies, their
-//!   gradient w.r.t. the logits, the draft's top-3 for the metrics) and feeds the
-//!   gradient back through `predict` as `Σ predict ⊙ (g · lm_head)`: exact value,
-//!   exact gradient, and no `[rows, V]` tensor kept in the autodiff graph. On CPU
-//!   backends each elementwise `[rows, V]` tensor op costs about as much as the
-//!   vocabulary matmul, so this is several times faster than the tensor version.
+//!   HASS forwards. Its vocabulary losses run on one of two [`LossPath`]s, chosen by
+//!   the backend:
+//!   - [`LossPath::Host`] (CPU backends): one fused host pass per row (log-sum-exp,
+//!     both cross-entropies, their gradient w.r.t. the logits, the draft's top-3 for
+//!     the metrics), the gradient fed back through `predict` as
+//!     `Σ predict ⊙ (g · lm_head)`: exact value, exact gradient, and no `[rows, V]`
+//!     tensor kept in the autodiff graph. On a CPU each elementwise `[rows, V]` tensor
+//!     op costs about as much as the vocabulary matmul, so this is several times
+//!     faster than tensor ops.
+//!   - [`LossPath::Device`] (GPU backends): the same losses as tensor ops on the
+//!     rows kept, `p` and its top-K staying on the device; only the loss values and
+//!     the draft's top-3 ids (for the metrics) come back to the host. Copying
+//!     `[rows, V]` logits to the host every forward would starve a GPU.
 //! - The tensor functions ([`vloss`], [`ploss`], [`topk_loss`], [`reference_loss`],
 //!   [`topk_accuracy`]): plain autodiff ops, any backend; the reference the fused path
 //!   is tested against.
@@ -106,10 +112,59 @@ pub struct Losses<B: HassBackend> {
     pub accuracy: TopkAccuracy,
 }
 
+/// Where [`TargetDist`] computes the vocabulary losses (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LossPath {
+    /// A fused pass per row on the host.
+    Host,
+    /// Tensor ops on the backend's device.
+    Device,
+}
+
+impl LossPath {
+    /// The faster path for `B`: the host where tensors live in host memory, else the
+    /// device.
+    pub fn for_backend<B: HassBackend>() -> Self {
+        if B::HOST_MEMORY {
+            LossPath::Host
+        } else {
+            LossPath::Device
+        }
+    }
+}
+
+impl std::fmt::Display for LossPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            LossPath::Host => "host (fused pass per row)",
+            LossPath::Device => "device (tensor ops)",
+        })
+    }
+}
+
+/// The target distribution of the kept rows, where the loss path keeps it.
+#[derive(Debug, Clone)]
+enum TargetSide<B: HassBackend> {
+    /// Row-major host data: `probs [rows, V]`, top-K `[rows, K]` (descending), `M_r / N`.
+    Host {
+        probs: Vec<f32>,
+        topk_ids: Vec<u32>,
+        topk_probs: Vec<f32>,
+        row_weight: Vec<f64>,
+    },
+    /// The same as tensors: `probs [rows, V]`, top-K `[rows, K]`, `M_r / N` `[rows, 1]`.
+    Device {
+        probs: Tensor<B, 2>,
+        topk_ids: Tensor<B, 2, Int>,
+        topk_probs: Tensor<B, 2>,
+        row_weight: Tensor<B, 2>,
+    },
+}
+
 /// The batch's target side, computed once and shared by the HASS forwards: the target
 /// features and loss mask, and for every row with `M > 0` the target distribution
-/// `p = softmax(lm_head(f))` (host, f32), its top-K (ids and unnormalised
-/// probabilities) and its argmax.
+/// `p = softmax(lm_head(f))`, its top-K (ids and unnormalised probabilities) and its
+/// argmax.
 #[derive(Debug, Clone)]
 pub struct TargetDist<B: HassBackend> {
     target: Tensor<B, 3>,
@@ -117,13 +172,8 @@ pub struct TargetDist<B: HassBackend> {
     lm_head: Tensor<B, 2>,
     /// Flat indices `b·L + t` of the rows with `M > 0`.
     rows: Vec<usize>,
-    /// `M_r / N` per kept row.
-    row_weight: Vec<f64>,
-    /// `[rows, V]`.
-    probs: Vec<f32>,
-    /// `[rows, K]`, descending probability.
-    topk_ids: Vec<u32>,
-    topk_probs: Vec<f32>,
+    /// Empty when no row is kept.
+    side: Option<TargetSide<B>>,
     argmax: Vec<u32>,
     k: usize,
     vocab: usize,
@@ -198,11 +248,29 @@ fn logits_host<B: HassBackend>(x: Tensor<B, 2>, lm_head: &Tensor<B, 2>) -> Tenso
 impl<B: HassBackend> TargetDist<B> {
     /// From the target features `[b, L, H]` (row `t` = `f_{t+1}`), the loss mask
     /// `[b, L]` and the frozen LM head `[V, H]`; `k ≥ 1` is the K of the top-K loss.
+    /// The losses run on [`LossPath::for_backend`].
     pub fn new(
         target_features: Tensor<B, 3>,
         loss_mask: Tensor<B, 2>,
         lm_head: Tensor<B, 2>,
         k: usize,
+    ) -> Self {
+        Self::with_path(
+            target_features,
+            loss_mask,
+            lm_head,
+            k,
+            LossPath::for_backend::<B>(),
+        )
+    }
+
+    /// [`TargetDist::new`] on the given loss path.
+    pub fn with_path(
+        target_features: Tensor<B, 3>,
+        loss_mask: Tensor<B, 2>,
+        lm_head: Tensor<B, 2>,
+        k: usize,
+        path: LossPath,
     ) -> Self {
         let [b, l, h] = target_features.dims();
         let [vocab, hl] = lm_head.dims();
@@ -215,47 +283,76 @@ impl<B: HassBackend> TargetDist<B> {
         let m = host_f32(mask.clone());
         let rows: Vec<usize> = (0..b * l).filter(|&i| m[i] != 0.0).collect();
         let norm = m.iter().map(|&x| x as f64).sum::<f64>() + 1e-5;
-        let row_weight = rows.iter().map(|&i| m[i] as f64 / norm).collect();
-        let (mut probs, mut topk_ids, mut topk_probs, mut argmax) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        if !rows.is_empty() {
+        let row_weight: Vec<f64> = rows.iter().map(|&i| m[i] as f64 / norm).collect();
+        let mut argmax = Vec::new();
+        let side = (!rows.is_empty()).then(|| {
             let x = select_rows(target.clone(), &rows);
-            let mut data = logits_host(x, &lm_head);
-            let per_row = for_rows(data.as_mut_slice::<f32>().expect("f32"), vocab, |_, row| {
-                let (am, mx) = argmax_row(row);
-                let mut s = 0.0f64;
-                for v in row.iter_mut() {
-                    let e = (*v - mx).exp();
-                    *v = e;
-                    s += e as f64;
+            match path {
+                LossPath::Host => {
+                    let mut data = logits_host(x, &lm_head);
+                    let per_row =
+                        for_rows(data.as_mut_slice::<f32>().expect("f32"), vocab, |_, row| {
+                            let (am, mx) = argmax_row(row);
+                            let mut s = 0.0f64;
+                            for v in row.iter_mut() {
+                                let e = (*v - mx).exp();
+                                *v = e;
+                                s += e as f64;
+                            }
+                            let inv = (1.0 / s) as f32;
+                            for v in row.iter_mut() {
+                                *v *= inv;
+                            }
+                            let (ids, vals) = top_k(row, k);
+                            (am as u32, ids, vals)
+                        });
+                    let (mut topk_ids, mut topk_probs) = (Vec::new(), Vec::new());
+                    for (am, ids, vals) in per_row {
+                        argmax.push(am);
+                        topk_ids.extend(ids);
+                        topk_probs.extend(vals);
+                    }
+                    TargetSide::Host {
+                        probs: data.into_vec::<f32>().expect("f32 data"),
+                        topk_ids,
+                        topk_probs,
+                        row_weight,
+                    }
                 }
-                let inv = (1.0 / s) as f32;
-                for v in row.iter_mut() {
-                    *v *= inv;
+                LossPath::Device => {
+                    let device = x.device();
+                    let probs = softmax(x.matmul(lm_head.clone().transpose()), 1);
+                    let (topk_probs, topk_ids) = probs.clone().topk_with_indices(k, 1);
+                    argmax = host_ids(probs.clone().argmax(1));
+                    let n = row_weight.len();
+                    let w: Vec<f32> = row_weight.iter().map(|&w| w as f32).collect();
+                    TargetSide::Device {
+                        probs,
+                        topk_ids,
+                        topk_probs,
+                        row_weight: Tensor::from_data(TensorData::new(w, [n, 1]), &device),
+                    }
                 }
-                let (ids, vals) = top_k(row, k);
-                (am as u32, ids, vals)
-            });
-            for (am, ids, vals) in per_row {
-                argmax.push(am);
-                topk_ids.extend(ids);
-                topk_probs.extend(vals);
             }
-            probs = data.into_vec::<f32>().expect("f32 data");
-        }
+        });
         TargetDist {
             target,
             mask,
             lm_head,
             rows,
-            row_weight,
-            probs,
-            topk_ids,
-            topk_probs,
+            side,
             argmax,
             k,
             vocab,
         }
+    }
+
+    /// Where the vocabulary losses run.
+    pub fn path(&self) -> Option<LossPath> {
+        self.side.as_ref().map(|s| match s {
+            TargetSide::Host { .. } => LossPath::Host,
+            TargetSide::Device { .. } => LossPath::Device,
+        })
     }
 
     /// The K of the stored top-K.
@@ -271,16 +368,6 @@ impl<B: HassBackend> TargetDist<B> {
     /// Target argmax per covered row (same order as [`TargetDist::rows`]).
     pub fn argmax(&self) -> &[u32] {
         &self.argmax
-    }
-
-    /// Target probabilities `[rows, V]` (host, row-major, same order as `rows`).
-    pub fn probs(&self) -> &[f32] {
-        &self.probs
-    }
-
-    /// Top-K ids and probabilities `[rows, K]` (descending).
-    pub fn topk(&self) -> (&[u32], &[f32]) {
-        (&self.topk_ids, &self.topk_probs)
     }
 
     /// All losses of one forward's `predict` `[b, L, H]` (the same batch), with
@@ -309,72 +396,68 @@ impl<B: HassBackend> TargetDist<B> {
         let mut loss = v * weights.v_w;
         let mut accuracy = TopkAccuracy::default();
         let (mut ploss_value, mut topk_value) = (0.0, 0.0);
-        if !self.rows.is_empty() {
-            let (k, vocab) = (self.k, self.vocab);
-            let (p_w, t_w) = (weights.p_w, weights.topk_w);
+        if let Some(side) = &self.side {
             let pv = select_rows(predict, &self.rows);
             let head = match draft_head {
                 Some(w) => {
                     assert_eq!(w.dims(), self.lm_head.dims(), "draft LM head shape");
-                    w.clone().detach()
+                    w.clone()
                 }
                 None => self.lm_head.clone(),
             };
-            let mut data = logits_host(pv.clone().detach(), &head);
-            let per_row = for_rows(data.as_mut_slice::<f32>().expect("f32"), vocab, |r, x| {
-                let p = &self.probs[r * vocab..(r + 1) * vocab];
-                let ids = &self.topk_ids[r * k..(r + 1) * k];
-                let pk = &self.topk_probs[r * k..(r + 1) * k];
-                let c = self.row_weight[r];
-                // Pass 1: max and the draft's top-3 (for the metrics).
-                let (top3, _) = top_k(x, 3.min(vocab));
-                let mx = x[top3[0] as usize];
-                let xk: Vec<f64> = ids.iter().map(|&i| x[i as usize] as f64).collect();
-                // Pass 2: e = exp(x − max) in place, Σe, Σp, Σp·x.
-                let (mut s, mut sp, mut spx) = (0.0f64, 0.0f64, 0.0f64);
-                for (xv, &pv) in x.iter_mut().zip(p) {
-                    sp += pv as f64;
-                    spx += pv as f64 * *xv as f64;
-                    let e = (*xv - mx).exp();
-                    *xv = e;
-                    s += e as f64;
+            let (surrogate, pl, tl) = match side {
+                TargetSide::Host {
+                    probs,
+                    topk_ids,
+                    topk_probs,
+                    row_weight,
+                } => {
+                    let host = HostTarget {
+                        probs,
+                        topk_ids,
+                        topk_probs,
+                        row_weight,
+                        argmax: &self.argmax,
+                        k: self.k,
+                        vocab: self.vocab,
+                    };
+                    host.loss(pv, head, draft_head.is_some(), weights, &mut accuracy)
                 }
-                let lse = mx as f64 + s.ln();
-                let spk: f64 = pk.iter().map(|&q| q as f64).sum();
-                let ploss_row = lse * sp - spx;
-                let topk_row: f64 = pk
-                    .iter()
-                    .zip(&xk)
-                    .map(|(&q, &xv)| q as f64 * (lse - xv))
-                    .sum();
-                // Pass 3: ∂/∂x of c·(p_w·ploss_row + t_w·topk_row), in place:
-                // c·(softmax(x)·(p_w·Σp + t_w·Σp_K) − p_w·p − t_w·p_K).
-                let coef = (c * (p_w * sp + t_w * spk) / s) as f32;
-                let cp = (c * p_w) as f32;
-                for (xv, &pv) in x.iter_mut().zip(p) {
-                    *xv = coef * *xv - cp * pv;
+                TargetSide::Device {
+                    probs,
+                    topk_ids,
+                    topk_probs,
+                    row_weight,
+                } => {
+                    let logits = pv.matmul(head.transpose());
+                    let top3 = host_ids_2d(
+                        logits
+                            .clone()
+                            .detach()
+                            .topk_with_indices(3.min(self.vocab), 1)
+                            .1,
+                    );
+                    for (r, ids) in top3.iter().enumerate() {
+                        accuracy.count(ids.iter().position(|&t| t == self.argmax[r]));
+                    }
+                    let logq = log_softmax(logits, 1);
+                    let pl = (probs.clone() * logq.clone()).sum_dim(1).neg() * row_weight.clone();
+                    let tl = (topk_probs.clone() * logq.gather(1, topk_ids.clone()))
+                        .sum_dim(1)
+                        .neg()
+                        * row_weight.clone();
+                    let (pl, tl) = (pl.sum(), tl.sum());
+                    let values = host_f32(Tensor::cat(
+                        vec![pl.clone().detach(), tl.clone().detach()],
+                        0,
+                    ));
+                    let terms = pl * weights.p_w + tl * weights.topk_w;
+                    (terms, values[0] as f64, values[1] as f64)
                 }
-                for (&i, &q) in ids.iter().zip(pk) {
-                    x[i as usize] -= (c * t_w * q as f64) as f32;
-                }
-                let rank = top3.iter().position(|&t| t == self.argmax[r]);
-                (c * ploss_row, c * topk_row, rank)
-            });
-            for (pl, tl, rank) in per_row {
-                ploss_value += pl;
-                topk_value += tl;
-                accuracy.count(rank);
-            }
-            // d loss / d predict = g · lm_head, fed back as Σ predict ⊙ G; a trainable
-            // head gets d loss / d head = gᵀ · predict the same way.
-            let g = Tensor::<B, 2>::from_data(data, &pv.device());
-            let mut surrogate = (pv.clone() * g.clone().matmul(head)).sum();
-            if let Some(w) = draft_head {
-                let gw = g.transpose().matmul(pv.detach());
-                surrogate = surrogate + (w.clone() * gw).sum();
-            }
-            let value = p_w * ploss_value + t_w * topk_value;
-            loss = loss + surrogate.clone() - surrogate.detach() + value;
+            };
+            ploss_value = pl;
+            topk_value = tl;
+            loss = loss + surrogate;
         }
         Losses {
             loss,
@@ -397,6 +480,107 @@ fn select_rows<B: HassBackend>(x: Tensor<B, 3>, rows: &[usize]) -> Tensor<B, 2> 
         &x.device(),
     );
     x.reshape([b * l, h]).select(0, idx)
+}
+
+/// The host side's data, borrowed for one forward's fused loss.
+struct HostTarget<'a> {
+    probs: &'a [f32],
+    topk_ids: &'a [u32],
+    topk_probs: &'a [f32],
+    row_weight: &'a [f64],
+    argmax: &'a [u32],
+    k: usize,
+    vocab: usize,
+}
+
+impl HostTarget<'_> {
+    /// The weighted vocabulary losses of the kept rows `pv` `[rows, H]` with the
+    /// draft's LM head `head` (`trainable`: it gets its gradient too), as a tensor
+    /// with the exact value and gradient; also `(ploss, topk_loss)` and the accuracy.
+    fn loss<B: HassBackend>(
+        &self,
+        pv: Tensor<B, 2>,
+        head: Tensor<B, 2>,
+        trainable: bool,
+        weights: &LossWeights,
+        accuracy: &mut TopkAccuracy,
+    ) -> (Tensor<B, 1>, f64, f64) {
+        let (k, vocab) = (self.k, self.vocab);
+        let (p_w, t_w) = (weights.p_w, weights.topk_w);
+        let mut data = logits_host(pv.clone().detach(), &head.clone().detach());
+        let per_row = for_rows(data.as_mut_slice::<f32>().expect("f32"), vocab, |r, x| {
+            let p = &self.probs[r * vocab..(r + 1) * vocab];
+            let ids = &self.topk_ids[r * k..(r + 1) * k];
+            let pk = &self.topk_probs[r * k..(r + 1) * k];
+            let c = self.row_weight[r];
+            // Pass 1: max and the draft's top-3 (for the metrics).
+            let (top3, _) = top_k(x, 3.min(vocab));
+            let mx = x[top3[0] as usize];
+            let xk: Vec<f64> = ids.iter().map(|&i| x[i as usize] as f64).collect();
+            // Pass 2: e = exp(x − max) in place, Σe, Σp, Σp·x.
+            let (mut s, mut sp, mut spx) = (0.0f64, 0.0f64, 0.0f64);
+            for (xv, &pv) in x.iter_mut().zip(p) {
+                sp += pv as f64;
+                spx += pv as f64 * *xv as f64;
+                let e = (*xv - mx).exp();
+                *xv = e;
+                s += e as f64;
+            }
+            let lse = mx as f64 + s.ln();
+            let spk: f64 = pk.iter().map(|&q| q as f64).sum();
+            let ploss_row = lse * sp - spx;
+            let topk_row: f64 = pk
+                .iter()
+                .zip(&xk)
+                .map(|(&q, &xv)| q as f64 * (lse - xv))
+                .sum();
+            // Pass 3: ∂/∂x of c·(p_w·ploss_row + t_w·topk_row), in place:
+            // c·(softmax(x)·(p_w·Σp + t_w·Σp_K) − p_w·p − t_w·p_K).
+            let coef = (c * (p_w * sp + t_w * spk) / s) as f32;
+            let cp = (c * p_w) as f32;
+            for (xv, &pv) in x.iter_mut().zip(p) {
+                *xv = coef * *xv - cp * pv;
+            }
+            for (&i, &q) in ids.iter().zip(pk) {
+                x[i as usize] -= (c * t_w * q as f64) as f32;
+            }
+            let rank = top3.iter().position(|&t| t == self.argmax[r]);
+            (c * ploss_row, c * topk_row, rank)
+        });
+        let (mut ploss, mut topk) = (0.0, 0.0);
+        for (pl, tl, rank) in per_row {
+            ploss += pl;
+            topk += tl;
+            accuracy.count(rank);
+        }
+        // d loss / d predict = g · head, fed back as Σ predict ⊙ G; a trainable head
+        // gets d loss / d head = gᵀ · predict the same way.
+        let g = Tensor::<B, 2>::from_data(data, &pv.device());
+        let mut surrogate = (pv.clone() * g.clone().matmul(head.clone().detach())).sum();
+        if trainable {
+            let gw = g.transpose().matmul(pv.detach());
+            surrogate = surrogate + (head * gw).sum();
+        }
+        let value = p_w * ploss + t_w * topk;
+        (surrogate.clone() - surrogate.detach() + value, ploss, topk)
+    }
+}
+
+/// `[n]` or `[n, 1]` integer ids as host data.
+fn host_ids<B: HassBackend, const D: usize>(t: Tensor<B, D, Int>) -> Vec<u32> {
+    t.into_data()
+        .convert::<i64>()
+        .into_vec::<i64>()
+        .expect("int data")
+        .into_iter()
+        .map(|x| x as u32)
+        .collect()
+}
+
+/// `[n, c]` integer ids as host rows.
+fn host_ids_2d<B: HassBackend>(t: Tensor<B, 2, Int>) -> Vec<Vec<u32>> {
+    let c = t.dims()[1];
+    host_ids(t).chunks(c).map(<[u32]>::to_vec).collect()
 }
 
 // ------------------------------------------------------------------ tensor versions

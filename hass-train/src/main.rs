@@ -18,6 +18,7 @@ use hass_train::data::{
     generate_shards, read_corpus, render_corpus, shuffle_conversations, DatagenOptions,
     FeatureDtype, RenderOptions, ShardDataset,
 };
+use hass_train::loss::LossPath;
 use hass_train::train::{train, RunOptions, TrainPlan};
 
 type Ad = burn::backend::Autodiff<DefaultBackend>;
@@ -209,6 +210,12 @@ fn main() -> Result<()> {
                 progress: true,
                 stop_after_epochs,
             };
+            eprintln!(
+                "training on {} ({:?}); vocabulary losses on the {}",
+                hass_models::backend::backend_name(),
+                loaded.model.device(),
+                LossPath::for_backend::<Ad>()
+            );
             for r in train::<Ad>(&loaded.model, &data, &plan, &out, &run)? {
                 let last = r.epochs.last().cloned().unwrap_or_default();
                 eprintln!(

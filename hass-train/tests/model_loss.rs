@@ -14,7 +14,7 @@ use hass_core::config::ModelConfig;
 use hass_models::{load_hf_model, DraftHead, Llama, MemoryWeights, WeightSource};
 use hass_train::align::{diagonal_offset, source_map, stream_masks};
 use hass_train::loss::{
-    draft_log_probs, ploss, reference_loss, topk_accuracy, topk_loss, vloss, LossWeights,
+    draft_log_probs, ploss, reference_loss, topk_accuracy, topk_loss, vloss, LossPath, LossWeights,
     TargetDist, TopkAccuracy,
 };
 use hass_train::model::{draft_config, embed_ids, next_stream, random_head_weights, TrainDraft};
@@ -792,6 +792,108 @@ fn fused_loss_gradient_equals_autodiff_reference() {
             max_diff(a, b) <= 1e-4 * scale.max(1e-3),
             "param {i}: {} (scale {scale})",
             max_diff(a, b)
+        );
+    }
+}
+
+/// The device loss path (tensor ops, what GPU backends run) against the host path
+/// (the fused pass): the same loss values, metrics and gradients for every draft
+/// parameter and for a trainable LM head, through a HASS forward-3 at fixture sizes
+/// (V = 512), batch 2 with masked rows. Both run here on the CPU backend.
+#[test]
+fn device_loss_path_equals_host_path() {
+    assert_eq!(LossPath::for_backend::<AD>(), LossPath::Host);
+    let target = fixture();
+    let dev = target.device().clone();
+    let cfg = draft_config(target.config());
+    let (b, l, h) = (2, 6, cfg.hidden_size);
+    let lm_head = Tensor::<AD, 2>::from_inner(target.lm_head());
+    let emb = Tensor::<AD, 3>::from_inner(embed(&target, &ids(70, b, l, cfg.vocab_size)));
+    let f = Tensor::<AD, 3>::from_inner(features(71, b, l, h, &dev));
+    let tgt = Tensor::<AD, 3>::from_inner(features(72, b, l, h, &dev) * 3.0);
+    let m = Tensor::<AD, 2>::from_data(
+        TensorData::new(
+            vec![
+                1.0f32, 1.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0,
+            ],
+            [b, l],
+        ),
+        &dev,
+    );
+    let weights = LossWeights {
+        topk_w: 1.0,
+        k: 10,
+        ..Default::default()
+    };
+    // (values per forward, accuracy per forward, gradients: params then the head)
+    let run = |path: LossPath, own_head: bool| {
+        let td = TrainDraft::<AD>::random(&cfg, 3, &dev).unwrap();
+        let w = Tensor::<AD, 2>::from_inner(target.lm_head() * 0.8 + 0.01).require_grad();
+        let dist = TargetDist::with_path(tgt.clone(), m.clone(), lm_head.clone(), weights.k, path);
+        assert_eq!(dist.path(), Some(path));
+        assert_eq!(dist.rows(), &[0, 1, 3, 4, 5, 8, 9, 10, 11]);
+        let mut streams = vec![f.clone()];
+        let (mut values, mut accs, mut total) = (Vec::new(), Vec::new(), None);
+        for _ in 0..3 {
+            let predict = td.forward(emb.clone(), &streams, true);
+            let out = dist.loss_with_head(predict.clone(), own_head.then_some(&w), &weights);
+            values.push([
+                scalar(out.loss.clone()),
+                out.vloss,
+                out.ploss,
+                out.topk_loss,
+            ]);
+            accs.push(out.accuracy);
+            total = Some(match total {
+                None => out.loss,
+                Some(t) => t + out.loss,
+            });
+            streams.push(next_stream(&streams, predict));
+        }
+        let grads = total.unwrap().backward();
+        let mut c = GradCollector {
+            grads: &grads,
+            out: Vec::new(),
+        };
+        td.visit(&mut c);
+        let mut g: Vec<Vec<f32>> = c.out.into_iter().map(|g| g.unwrap()).collect();
+        if own_head {
+            g.push(host(w.grad(&grads).expect("the head gets a gradient")));
+        }
+        (dist.argmax().to_vec(), values, accs, g)
+    };
+    for own_head in [false, true] {
+        let (am_h, vals_h, acc_h, g_h) = run(LossPath::Host, own_head);
+        let (am_d, vals_d, acc_d, g_d) = run(LossPath::Device, own_head);
+        assert_eq!(am_h, am_d, "target argmax");
+        assert_eq!(acc_h, acc_d, "draft top-1/2/3 counts");
+        assert!(acc_h.iter().all(|a| a.total == 9));
+        for (a, b) in vals_h.iter().flatten().zip(vals_d.iter().flatten()) {
+            assert!(
+                (a - b).abs() <= 1e-5 * (1.0 + a.abs()),
+                "{vals_h:?} vs {vals_d:?}"
+            );
+        }
+        assert_eq!(g_h.len(), g_d.len());
+        for (i, (a, b)) in g_h.iter().zip(&g_d).enumerate() {
+            let scale = a.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+            assert!(scale > 0.0, "param {i}: zero gradient");
+            assert!(
+                max_diff(a, b) <= 1e-4 * scale,
+                "param {i} (own head {own_head}): {} (scale {scale})",
+                max_diff(a, b)
+            );
+        }
+    }
+    // Nothing kept: no vocabulary loss on either path, the feature loss alone.
+    let zero = Tensor::<AD, 2>::zeros([b, l], &dev);
+    for path in [LossPath::Host, LossPath::Device] {
+        let dist = TargetDist::with_path(tgt.clone(), zero.clone(), lm_head.clone(), 10, path);
+        assert_eq!(dist.path(), None);
+        let out = dist.loss(f.clone(), &weights);
+        assert_eq!(
+            (out.ploss, out.topk_loss, out.accuracy.total),
+            (0.0, 0.0, 0)
         );
     }
 }

@@ -62,7 +62,7 @@ for s in "${steps[@]}"; do
                 --limit "${DEVICE_DATAGEN_LIMIT:-0}" --max-len 1024 --out "$work/data"
             # One epoch per invocation: a timeout loses at most the epoch under way.
             step train 300 hass-train train --model "$model" --data "$work/data" \
-                --config configs/smollm2-hass-v8k.json --stop-after-epochs 1 --out "$work/run"
+                --config configs/smollm2-hass-v8k-gpu.json --stop-after-epochs 1 --out "$work/run"
             head="$(ls -d "$work"/run/stage* 2>/dev/null | tail -1)"
             if [ -n "$head" ]; then
                 step export 30 hass-train export --model "$model" --head "$head" --dtype int8-rows --out "$out/head"
