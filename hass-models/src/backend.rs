@@ -3,11 +3,16 @@
 //! needs faster than Burn provides it on the CPU.
 //! Library code stays generic over `B: HassBackend`; binaries and tests use the alias.
 
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{binary, Backward, Ops, OpsKind};
+use burn::backend::autodiff::NodeId;
 use burn::backend::flex::FlexTensor;
 use burn::backend::{Autodiff, Flex};
 use burn::prelude::*;
 use burn::tensor::activation::softmax;
+use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, TensorPrimitive};
 
 use crate::attention;
@@ -112,10 +117,17 @@ impl HassBackend for Flex {
         }
         let wp = w.clone().into_primitive().tensor();
         if m > small_m_max_rows() {
-            return match wp.as_slice::<f32>() {
-                Some(ws) => on_host(x, n, |xs, out| large_m::matmul(xs, m, k, ws, n, out)),
-                None => matmul(x, w),
+            // Operands read in place, transposed views included (training's backward).
+            let xp: FlexTensor = x.clone().into_primitive().tensor();
+            let (Some(xv), Some(wv)) = (view_2d(&xp), view_2d(&wp)) else {
+                return matmul(x, w);
             };
+            let mut out = vec![0.0f32; m * n];
+            large_m::matmul_views(xv, m, k, wv, n, &mut out);
+            return Tensor::from_primitive(TensorPrimitive::Float(FlexTensor::from_data(
+                TensorData::new(out, [m, n]),
+            )))
+            .to_device(&x.device());
         }
         let weights = match wp.dtype() {
             DType::F32 => wp.as_slice::<f32>().map(Weights::F32),
@@ -231,6 +243,17 @@ fn kv_view(t: &FlexTensor) -> Option<attention::Kv<'_>> {
     })
 }
 
+/// An f32 matrix in place, whatever its (non-negative) strides.
+fn view_2d(t: &FlexTensor) -> Option<large_m::View<'_>> {
+    let s = t.layout().strides();
+    (t.dtype() == DType::F32 && s.len() == 2 && s[0] >= 0 && s[1] >= 0).then(|| large_m::View {
+        data: t.storage::<f32>(),
+        offset: t.layout().start_offset(),
+        row_stride: s[0] as usize,
+        col_stride: s[1] as usize,
+    })
+}
+
 /// Burn's `slice_assign` of `rows` at positions `start..` of `buf`.
 fn assign_rows<B: Backend>(buf: Tensor<B, 4>, start: usize, rows: Tensor<B, 4>) -> Tensor<B, 4> {
     let [b, h, t, d] = rows.dims();
@@ -277,6 +300,71 @@ fn default_attention<B: Backend>(
 /// Training differentiates through Burn's matmul.
 impl<B: HassBackend, C: CheckpointStrategy> HassBackend for Autodiff<B, C> {
     const HOST_MEMORY: bool = B::HOST_MEMORY;
+
+    /// Differentiable, the forward and both backward products through the inner
+    /// backend's `project`: on the CPU, training's products then run on every core
+    /// (Burn's own matmul, and so its autodiff, runs on one there).
+    fn project(x: Tensor<Self, 2>, w: &Tensor<Self, 2>) -> Tensor<Self, 2> {
+        let (x, w) = (
+            x.into_primitive().tensor(),
+            w.clone().into_primitive().tensor(),
+        );
+        Tensor::from_primitive(TensorPrimitive::Float(project_tracked::<B, C>(x, w)))
+    }
+}
+
+/// [`HassBackend::project`] of the inner backend on primitives.
+fn inner_project<B: HassBackend>(x: FloatTensor<B>, w: FloatTensor<B>) -> FloatTensor<B> {
+    let w = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(w));
+    B::project(Tensor::from_primitive(TensorPrimitive::Float(x)), &w)
+        .into_primitive()
+        .tensor()
+}
+
+/// `x · w` recorded for autodiff as Burn records a matmul: `∂x = g · wᵀ`,
+/// `∂w = xᵀ · g`, each operand kept only when the other one needs a gradient.
+fn project_tracked<B: HassBackend, C: CheckpointStrategy>(
+    x: FloatTensor<Autodiff<B, C>>,
+    w: FloatTensor<Autodiff<B, C>>,
+) -> FloatTensor<Autodiff<B, C>> {
+    #[derive(Debug)]
+    struct Project;
+
+    impl<B: HassBackend> Backward<B, 2> for Project {
+        type State = (Option<NodeId>, Option<NodeId>);
+
+        fn backward(
+            self,
+            ops: Ops<Self::State, 2>,
+            grads: &mut Gradients,
+            ckpt: &mut Checkpointer,
+        ) {
+            let (x, w) = ops.state;
+            let x = x.map(|id| ckpt.retrieve_node_output::<FloatTensor<B>>(id));
+            let w = w.map(|id| ckpt.retrieve_node_output::<FloatTensor<B>>(id));
+            binary::<B, _, _>(
+                ops.parents,
+                ops.node,
+                grads,
+                |g| inner_project::<B>(g, B::float_transpose(w.expect("kept for ∂x"))),
+                |g| inner_project::<B>(B::float_transpose(x.expect("kept for ∂w")), g),
+            );
+        }
+    }
+
+    let (x_tracked, w_tracked) = (x.is_tracked(), w.is_tracked());
+    match Project
+        .prepare::<C>([x.node.clone(), w.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(mut prep) => {
+            let xs = w_tracked.then(|| prep.checkpoint(&x));
+            let ws = x_tracked.then(|| prep.checkpoint(&w));
+            prep.finish((xs, ws), inner_project::<B>(x.primitive, w.primitive))
+        }
+        OpsKind::UnTracked(prep) => prep.finish(inner_project::<B>(x.primitive, w.primitive)),
+    }
 }
 
 #[cfg(feature = "cuda")]
@@ -340,5 +428,78 @@ pub fn backend_name() -> &'static str {
         "wgpu"
     } else {
         "cpu (burn-flex)"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::backend::{Autodiff, Flex};
+    use burn::prelude::*;
+
+    use super::HassBackend;
+    use crate::test_rng::Rng;
+
+    type AD = Autodiff<Flex>;
+
+    fn host<const D: usize>(t: Tensor<Flex, D>) -> Vec<f32> {
+        t.into_data().into_vec::<f32>().unwrap()
+    }
+
+    /// The autodiff `project` (every core on the CPU, forward and backward) gives
+    /// Burn's matmul value and gradients, for few-row and many-row products, with
+    /// operands that are transposed views, and with only one side tracked.
+    #[test]
+    fn autodiff_project_matches_matmul() {
+        let mut rng = Rng(5);
+        let dev = Default::default();
+        for (m, k, n) in [(3, 40, 24), (130, 96, 200)] {
+            let xd = rng.vec(m * k);
+            let wd = rng.vec(n * k);
+            let make = || {
+                let x = Tensor::<AD, 2>::from_data(TensorData::new(xd.clone(), [m, k]), &dev)
+                    .require_grad();
+                // w as the transposed view of an [n, k] tensor.
+                let wt = Tensor::<AD, 2>::from_data(TensorData::new(wd.clone(), [n, k]), &dev)
+                    .require_grad();
+                (x, wt)
+            };
+            let (x0, w0) = make();
+            let want = x0.clone().matmul(w0.clone().transpose());
+            let g_want = (want.clone() * want.clone()).sum().backward();
+            let (x1, w1) = make();
+            let got = AD::project(x1.clone(), &w1.clone().transpose());
+            let g_got = (got.clone() * got.clone()).sum().backward();
+            let close = |a: Vec<f32>, b: Vec<f32>, what: &str| {
+                let scale = a.iter().fold(1f32, |s, v| s.max(v.abs()));
+                let d = a
+                    .iter()
+                    .zip(&b)
+                    .fold(0f32, |s, (x, y)| s.max((x - y).abs()));
+                assert!(d <= 1e-5 * scale, "{m}x{k}x{n} {what}: {d} (scale {scale})");
+            };
+            close(host(want.inner()), host(got.inner()), "value");
+            close(
+                host(x0.grad(&g_want).unwrap()),
+                host(x1.grad(&g_got).unwrap()),
+                "∂x",
+            );
+            close(
+                host(w0.grad(&g_want).unwrap()),
+                host(w1.grad(&g_got).unwrap()),
+                "∂w",
+            );
+            // Only the weight tracked: it still gets its gradient, x none.
+            let x2 = Tensor::<AD, 2>::from_data(TensorData::new(xd.clone(), [m, k]), &dev);
+            let w2 = Tensor::<AD, 2>::from_data(TensorData::new(wd.clone(), [n, k]), &dev)
+                .require_grad();
+            let y = AD::project(x2.clone(), &w2.clone().transpose());
+            let g = (y.clone() * y).sum().backward();
+            close(
+                host(w0.grad(&g_want).unwrap()),
+                host(w2.grad(&g).unwrap()),
+                "∂w alone",
+            );
+            assert!(x2.grad(&g).is_none());
+        }
     }
 }

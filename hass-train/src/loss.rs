@@ -240,7 +240,7 @@ fn host_f32<B: HassBackend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
 
 /// `x [rows, H] · lm_headᵀ` as host data (mutable in place).
 fn logits_host<B: HassBackend>(x: Tensor<B, 2>, lm_head: &Tensor<B, 2>) -> TensorData {
-    x.matmul(lm_head.clone().transpose())
+    B::project(x, &lm_head.clone().transpose())
         .into_data()
         .convert::<f32>()
 }
@@ -556,9 +556,9 @@ impl HostTarget<'_> {
         // d loss / d predict = g · head, fed back as Σ predict ⊙ G; a trainable head
         // gets d loss / d head = gᵀ · predict the same way.
         let g = Tensor::<B, 2>::from_data(data, &pv.device());
-        let mut surrogate = (pv.clone() * g.clone().matmul(head.clone().detach())).sum();
+        let mut surrogate = (pv.clone() * B::project(g.clone(), &head.clone().detach())).sum();
         if trainable {
-            let gw = g.transpose().matmul(pv.detach());
+            let gw = B::project(g.transpose(), &pv.detach());
             surrogate = surrogate + (head * gw).sum();
         }
         let value = p_w * ploss + t_w * topk;

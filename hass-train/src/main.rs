@@ -219,8 +219,8 @@ fn main() -> Result<()> {
             for r in train::<Ad>(&loaded.model, &data, &plan, &out, &run)? {
                 let last = r.epochs.last().cloned().unwrap_or_default();
                 eprintln!(
-                    "stage {}: {} steps, {} tokens in {:.0} s ({:.1} tokens/s); held-out loss {:.4}, top-1/2/3 {:.3}/{:.3}/{:.3}, k-step acc {:?}",
-                    r.stage, r.steps, r.train_tokens, r.seconds, r.tokens_per_s(), last.loss, last.top1, last.top2, last.top3, last.kacc
+                    "stage {}: {} steps, {} tokens in {:.0} s ({:.1} tokens/s; training steps {:.0} s, {:.1} tokens/s); held-out loss {:.4}, top-1/2/3 {:.3}/{:.3}/{:.3}, k-step acc {:?}",
+                    r.stage, r.steps, r.train_tokens, r.seconds, r.tokens_per_s(), r.train_seconds, r.step_tokens_per_s(), last.loss, last.top1, last.top2, last.top3, last.kacc
                 );
             }
         }

@@ -155,6 +155,16 @@ fn linear<B: HassBackend>(
     Ok(Linear { weight, bias })
 }
 
+/// `x · W + b` through [`HassBackend::project`]: on the CPU, the forward and backward
+/// products of training run on every core (Burn's matmul runs on one there).
+fn linear_forward<B: HassBackend>(lin: &Linear<B>, x: Tensor<B, 2>) -> Tensor<B, 2> {
+    let y = B::project(x, &lin.weight.val());
+    match &lin.bias {
+        Some(b) => y + b.val().unsqueeze(),
+        None => y,
+    }
+}
+
 /// Rotate-half RoPE with `cos`/`sin` of the same shape as `x` (`[b, heads, t, hd]`).
 fn rope<B: HassBackend>(x: Tensor<B, 4>, cos: Tensor<B, 4>, sin: Tensor<B, 4>) -> Tensor<B, 4> {
     let [b, h, t, d] = x.dims();
@@ -395,9 +405,10 @@ impl<B: HassBackend> TrainDraft<B> {
             Tensor::cat(vec![emb; n], 1)
         };
         let s_cat = Tensor::cat(streams.iter().map(|s| s.clone().detach()).collect(), 1);
-        let x_all = self
-            .fc
-            .forward(Tensor::cat(vec![e_cat, s_cat], 2).reshape([b * n * l, 2 * h]));
+        let x_all = linear_forward(
+            &self.fc,
+            Tensor::cat(vec![e_cat, s_cat], 2).reshape([b * n * l, 2 * h]),
+        );
         let x_new = if n == 1 {
             x_all.clone()
         } else {
@@ -418,21 +429,15 @@ impl<B: HassBackend> TrainDraft<B> {
                 .repeat_dim(0, b)
         };
 
-        let q = self
-            .q_proj
-            .forward(x_new.clone())
+        let q = linear_forward(&self.q_proj, x_new.clone())
             .reshape([b, l, nh, hd])
             .swap_dims(1, 2);
         let q = rope(q, table(&cos, 1, nh), table(&sin, 1, nh));
-        let k = self
-            .k_proj
-            .forward(x_all.clone())
+        let k = linear_forward(&self.k_proj, x_all.clone())
             .reshape([b, n * l, nkv, hd])
             .swap_dims(1, 2);
         let k = rope(k, table(&cos, n, nkv), table(&sin, n, nkv));
-        let v = self
-            .v_proj
-            .forward(x_all)
+        let v = linear_forward(&self.v_proj, x_all)
             .reshape([b, n * l, nkv, hd])
             .swap_dims(1, 2);
 
@@ -525,11 +530,12 @@ impl<B: HassBackend> TrainDraft<B> {
             .swap_dims(1, 2)
             .reshape([b * l, nh * hd]);
 
-        let x = x_new + self.o_proj.forward(attn);
+        let x = x_new + linear_forward(&self.o_proj, attn);
         let hn = self.rms_norm(x.clone());
-        let mlp = self
-            .down_proj
-            .forward(silu(self.gate_proj.forward(hn.clone())) * self.up_proj.forward(hn));
+        let mlp = linear_forward(
+            &self.down_proj,
+            silu(linear_forward(&self.gate_proj, hn.clone())) * linear_forward(&self.up_proj, hn),
+        );
         (x + mlp).reshape([b, l, h])
     }
 

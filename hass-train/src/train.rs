@@ -209,14 +209,24 @@ pub struct StageReport {
     pub stage: usize,
     pub steps: usize,
     pub train_tokens: usize,
+    /// Wall time of the stage: training, held-out evaluation and checkpoints.
     pub seconds: f64,
+    /// The part of it spent in training steps (forwards, losses, backward, optimizer).
+    pub train_seconds: f64,
     /// Held-out metrics after each epoch.
     pub epochs: Vec<EvalMetrics>,
 }
 
 impl StageReport {
+    /// Training tokens per second of wall time.
     pub fn tokens_per_s(&self) -> f64 {
         self.train_tokens as f64 / self.seconds.max(1e-9)
+    }
+
+    /// Training tokens per second of training steps (evaluation excluded): the
+    /// trainer's throughput.
+    pub fn step_tokens_per_s(&self) -> f64 {
+        self.train_tokens as f64 / self.train_seconds.max(1e-9)
     }
 }
 
@@ -227,6 +237,9 @@ struct State {
     step: usize,
     train_tokens: usize,
     seconds: f64,
+    /// Of `seconds`, in training steps.
+    #[serde(default)]
+    train_seconds: f64,
     history: Vec<EvalMetrics>,
     step_losses: Vec<f64>,
 }
@@ -450,6 +463,7 @@ fn train_stage<AD: TrainBackend>(
             cfg.seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
         ));
         let mut accum = GradientsAccumulator::<TrainDraft<AD>>::new();
+        let epoch_start = Instant::now();
         for (m, chunk) in order.chunks(cfg.batch_size).enumerate() {
             let mut rng = StdRng::seed_from_u64(
                 cfg.seed ^ ((epoch * 1_000_003 + m) as u64).wrapping_mul(0xD1B5_4A32_D192_ED03),
@@ -486,6 +500,7 @@ fn train_stage<AD: TrainBackend>(
                 }
             }
         }
+        state.train_seconds += epoch_start.elapsed().as_secs_f64();
         let eval = evaluate::<AD>(
             &model,
             target,
@@ -509,6 +524,7 @@ fn train_stage<AD: TrainBackend>(
         steps: state.step,
         train_tokens: state.train_tokens,
         seconds: state.seconds,
+        train_seconds: state.train_seconds,
         epochs: state.history,
     })
 }
