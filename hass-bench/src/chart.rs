@@ -269,6 +269,7 @@ mod tests {
             tau,
             tokens_per_s: 50.0 * speedup,
             speedup,
+            decode_tokens_per_s: 60.0 * speedup,
             identical_to_vanilla: None,
             draft_ms_per_round: None,
             verify_ms_per_round: None,

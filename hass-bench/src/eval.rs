@@ -52,6 +52,9 @@ pub struct TurnResult {
     pub new_tokens: usize,
     /// Wall time of the whole turn, prefill included.
     pub wall_s: f64,
+    /// Of it, the decode phase (after the prefill's first token): what the tree
+    /// tuner predicts.
+    pub decode_s: f64,
     /// Verification rounds and accepted draft tokens (0 for vanilla).
     pub rounds: usize,
     pub accepted: usize,
@@ -88,6 +91,18 @@ impl QuestionResult {
     /// Spec §6.3's per-question speed: Σ new tokens / Σ wall time over the turns.
     pub fn tokens_per_s(&self) -> f64 {
         self.new_tokens() as f64 / self.wall_s().max(1e-12)
+    }
+
+    /// Decode tokens per second over the turns (each turn's first token, made by
+    /// the prefill, and the prefill's time excluded).
+    pub fn decode_tokens_per_s(&self) -> f64 {
+        let tokens: usize = self
+            .turns
+            .iter()
+            .map(|t| t.new_tokens.saturating_sub(1))
+            .sum();
+        let s: f64 = self.turns.iter().map(|t| t.decode_s).sum();
+        tokens as f64 / s.max(1e-12)
     }
 
     pub fn rounds(&self) -> usize {
@@ -143,6 +158,7 @@ pub fn run_question<'a, B: HassBackend>(
             prompt_tokens: prompt.len(),
             new_tokens: out.tokens.len(),
             wall_s,
+            decode_s: out.stats.decode_time.as_secs_f64(),
             rounds: 0,
             accepted: 0,
             draft_s: 0.0,

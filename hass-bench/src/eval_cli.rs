@@ -16,9 +16,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
 use crate::chart;
-use crate::eval::{run_methods, sampling, Method, QuestionResult};
+use crate::eval::{run_methods, sampling, Method, QuestionResult, VANILLA};
 use crate::prompts::{default_dir, load_set, Question, SETS};
-use crate::report::{summaries, to_markdown, Summary};
+use crate::report::{summaries, to_markdown, Summary, OVERALL};
 use crate::sweep::{grid, sweep, SweepReport};
 
 /// The committed SmolLM2 heads, used when the default model runs without `--head`.
@@ -109,6 +109,37 @@ struct HeadTree {
     head: String,
     tree: TreeParams,
     auto: Option<AutoTree>,
+}
+
+/// For each `auto` tree, the tuner's decode-speed prediction next to what these
+/// questions measured at T = 0 (decode phase, so prefill does not blur it).
+fn predicted_vs_measured(trees: &[HeadTree], sums: &[Summary]) -> String {
+    let overall = |method: &str| {
+        sums.iter()
+            .find(|s| s.temperature == 0.0 && s.set == OVERALL && s.method == method)
+    };
+    let mut out = String::new();
+    for t in trees {
+        let (Some(a), Some(s), Some(v)) = (&t.auto, overall(&t.head), overall(VANILLA)) else {
+            continue;
+        };
+        out += &format!(
+            "\n`--tree auto` for {}: predicted {:.1} decode tokens/s against vanilla's {:.1} \
+             ({}); measured here at T = 0, {:.1} against {:.1} ({:.2}×).\n",
+            t.head,
+            a.choice.tokens_per_s,
+            a.vanilla_tokens_per_s,
+            if a.speculate {
+                "speculates"
+            } else {
+                "decodes plainly"
+            },
+            s.decode_tokens_per_s,
+            v.decode_tokens_per_s,
+            s.decode_tokens_per_s / v.decode_tokens_per_s.max(1e-12)
+        );
+    }
+    out
 }
 
 fn bar(len: usize, what: &str) -> ProgressBar {
@@ -322,7 +353,7 @@ pub fn run_eval(args: EvalArgs) -> Result<()> {
         args.max_new_tokens,
         questions.len(),
         start.elapsed().as_secs_f64()
-    );
+    ) + &predicted_vs_measured(&trees, &sums);
     println!("{md}");
     write(&args.out.join("results.md"), &md)?;
     write(&args.out.join("chart.svg"), &chart::svg(&sums))?;

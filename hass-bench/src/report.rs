@@ -25,6 +25,9 @@ pub struct Summary {
     pub tokens_per_s: f64,
     /// `tokens_per_s` over vanilla's on the same questions (spec §6.3).
     pub speedup: f64,
+    /// Mean over questions of the decode phase's tokens per second (prefill
+    /// excluded): what the tree tuner predicts.
+    pub decode_tokens_per_s: f64,
     /// At T = 0: every speculative output equal to vanilla's.
     pub identical_to_vanilla: Option<bool>,
     /// Mean milliseconds per verification round.
@@ -62,6 +65,7 @@ fn summarise(
         tau: (!taus.is_empty()).then(|| mean(taus.iter().copied())),
         tokens_per_s: speed,
         speedup: speed / vanilla_speed.max(1e-12),
+        decode_tokens_per_s: mean(rs.iter().map(|r| r.decode_tokens_per_s())),
         identical_to_vanilla: (!checks.is_empty()).then(|| checks.iter().all(|&c| c)),
         draft_ms_per_round: per_round(|t| t.draft_s),
         verify_ms_per_round: per_round(|t| t.verify_s),
@@ -146,7 +150,7 @@ pub fn to_markdown(summaries: &[Summary]) -> String {
         }
         let _ = writeln!(
             md,
-            "\n| method (all questions) | tokens/s | new tokens | draft ms/round | verify ms/round | other ms/round | identical to vanilla |\n|---|---|---|---|---|---|---|"
+            "\n| method (all questions) | tokens/s | decode tokens/s | new tokens | draft ms/round | verify ms/round | other ms/round | identical to vanilla |\n|---|---|---|---|---|---|---|---|"
         );
         for m in &methods {
             if let Some(s) = at(OVERALL, m) {
@@ -158,8 +162,9 @@ pub fn to_markdown(summaries: &[Summary]) -> String {
                 };
                 let _ = writeln!(
                     md,
-                    "| {m} | {:.1} | {} | {} | {} | {} | {same} |",
+                    "| {m} | {:.1} | {:.1} | {} | {} | {} | {} | {same} |",
                     s.tokens_per_s,
+                    s.decode_tokens_per_s,
                     s.new_tokens,
                     ms(s.draft_ms_per_round),
                     ms(s.verify_ms_per_round),
@@ -182,6 +187,8 @@ mod tests {
             prompt_tokens: 10,
             new_tokens,
             wall_s,
+            // The prefill takes a tenth of the turn.
+            decode_s: 0.9 * wall_s,
             rounds,
             accepted,
             draft_s: 0.1 * rounds as f64,
@@ -242,6 +249,10 @@ mod tests {
         assert_eq!(o.identical_to_vanilla, Some(false));
         assert!((o.draft_ms_per_round.unwrap() - 100.0).abs() < 1e-9);
         assert_eq!(get(OVERALL, VANILLA).tau, None);
+        // Decode speed: (new tokens − 1 per turn) / decode time, per question, then
+        // the mean: set a's hass (9 + 29) / 1.8 s, set b's 39 / 0.9 s.
+        let want = ((9.0 + 29.0) / 1.8 + 39.0 / 0.9) / 2.0;
+        assert!((o.decode_tokens_per_s - want).abs() < 1e-9);
         let md = to_markdown(&s);
         assert!(
             md.contains("| hass | 1.00× · τ 3.00 |") && md.contains("**NO**"),
