@@ -81,7 +81,8 @@ pub struct ModelInfo {
     pub context: usize,
     /// The model file or directory.
     pub path: PathBuf,
-    /// The draft head's directory, when decoding speculatively.
+    /// The draft head's directory, when decoding speculatively (none where a head
+    /// was given but `--tree auto` found plain decoding faster).
     pub head: Option<PathBuf>,
 }
 
@@ -267,7 +268,11 @@ fn run(
         template: loaded.chat_template.clone(),
         context: loaded.model.config().max_position_embeddings,
         path: loaded.path.clone(),
-        head: head.as_ref().map(|(d, _)| d.clone()),
+        // None where `--tree auto` chose plain decoding.
+        head: head
+            .as_ref()
+            .filter(|_| generator.speculative_stats().is_some())
+            .map(|(d, _)| d.clone()),
     };
     if ready.send(Ok(info)).is_err() {
         return;

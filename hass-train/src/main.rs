@@ -44,9 +44,14 @@ enum Command {
         /// `{"messages":[{"role","content"}]}` per line).
         #[arg(long, default_value = "sharegpt")]
         corpus: String,
-        /// Use the first N conversations after shuffling (0 = all).
+        /// Use the first N conversations after shuffling (and skipping; 0 = all).
         #[arg(long, default_value_t = 0)]
         limit: usize,
+        /// Skip the first N conversations after shuffling: with the same seed, a
+        /// held-out set made with `--limit N` never overlaps the data made with
+        /// `--skip N`.
+        #[arg(long, default_value_t = 0)]
+        skip: usize,
         /// Shuffle seed (the reference shuffles ShareGPT with seed 42).
         #[arg(long, default_value_t = 42)]
         seed: u64,
@@ -126,6 +131,7 @@ fn main() -> Result<()> {
             model,
             corpus,
             limit,
+            skip,
             seed,
             max_len,
             system,
@@ -147,6 +153,7 @@ fn main() -> Result<()> {
                 read.skipped
             );
             shuffle_conversations(&mut convs, seed);
+            convs.drain(..skip.min(convs.len()));
             if limit > 0 {
                 convs.truncate(limit);
             }
