@@ -19,7 +19,7 @@ use hass_train::data::{
     FeatureDtype, RenderOptions, ShardDataset,
 };
 use hass_train::loss::LossPath;
-use hass_train::train::{train, RunOptions, TrainPlan};
+use hass_train::train::{multi_step_accuracy, train, RunOptions, TrainPlan};
 
 type Ad = burn::backend::Autodiff<DefaultBackend>;
 
@@ -93,6 +93,26 @@ enum Command {
         /// Stop after this many epochs in this invocation (resume later).
         #[arg(long)]
         stop_after_epochs: Option<usize>,
+    },
+    /// Compare heads on held-out features (e.g. `scripts/data_10x.sh`'s held-out set):
+    /// greedy multi-step accuracy, steps 1 to 5, from every masked position (a miss
+    /// fails the later steps too).
+    Evaluate {
+        /// Target model the features came from [default: SmolLM2-135M-Instruct].
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Datagen output directory.
+        #[arg(long)]
+        data: PathBuf,
+        /// Head directories (repeat the flag), each `NAME=DIR` or `DIR`.
+        #[arg(long = "head", required = true)]
+        heads: Vec<String>,
+        /// Use the first N samples (0 = all).
+        #[arg(long, default_value_t = 0)]
+        samples: usize,
+        /// Truncate samples to this many tokens.
+        #[arg(long, default_value_t = 1024)]
+        max_len: usize,
     },
     /// Rewrite a trained head (e.g. `out/stage2`) for distribution: weights in --dtype,
     /// without the copy of the target's embedding that EAGLE's layout carries.
@@ -230,6 +250,42 @@ fn main() -> Result<()> {
                     r.stage, r.steps, r.train_tokens, r.seconds, r.tokens_per_s(), r.train_seconds, r.step_tokens_per_s(), last.loss, last.top1, last.top2, last.top3, last.kacc
                 );
             }
+        }
+        Command::Evaluate {
+            model,
+            data,
+            heads,
+            samples,
+            max_len,
+        } => {
+            let loaded = load_target(model)?;
+            let data = ShardDataset::open(&data, loaded.model.config().hidden_size)?;
+            let n = if samples == 0 {
+                data.len()
+            } else {
+                samples.min(data.len())
+            };
+            let ids: Vec<usize> = (0..n).collect();
+            let heads = heads
+                .iter()
+                .map(|spec| {
+                    let (name, dir) = spec.split_once('=').unwrap_or((spec, spec));
+                    let head = DraftHead::load(dir, &loaded.model)
+                        .with_context(|| format!("loading {dir}"))?;
+                    Ok((name, head))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            println!("| head | step 1 | step 2 | step 3 | step 4 | step 5 |");
+            println!("| --- | --- | --- | --- | --- | --- |");
+            for (name, head) in &heads {
+                let acc = multi_step_accuracy(head, &loaded.model, &data, &ids, max_len)?;
+                let cells: Vec<String> = acc.iter().map(|a| format!("{:.1}%", 100.0 * a)).collect();
+                println!("| {name} | {} |", cells.join(" | "));
+            }
+            eprintln!(
+                "{n} samples of {}, ≤ {max_len} tokens each",
+                data.dir().display()
+            );
         }
         Command::Export {
             model,

@@ -696,7 +696,9 @@ fn evaluate<AD: TrainBackend>(
 /// steps feeding back the head's own features and tokens; step `k` is right when its
 /// token equals the target's argmax at `p + k` (`argmax lm_head(f_{p+k})`). A miss
 /// counts against every later step; counting stops at the first position with mask 0.
-fn multi_step_accuracy<B: HassBackend>(
+/// Returns the accuracy of steps 1..=5 over `samples` of `data` (truncated to
+/// `max_len`): how heads are compared on a held-out set.
+pub fn multi_step_accuracy<B: HassBackend>(
     head: &DraftHead<B>,
     target: &Llama<B>,
     data: &ShardDataset,
