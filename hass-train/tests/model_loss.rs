@@ -704,6 +704,37 @@ fn own_draft_head_gets_the_exact_gradient() {
     assert!(gw.iter().any(|&x| x != 0.0), "the head gets a gradient");
 }
 
+/// A batch of 2 × 6 rows at the fixture's sizes (V = 512) on the autodiff backend.
+struct FixtureBatch {
+    target: Llama<B>,
+    dev: Device<B>,
+    cfg: ModelConfig,
+    lm_head: Tensor<AD, 2>,
+    emb: Tensor<AD, 3>,
+    f: Tensor<AD, 3>,
+    tgt: Tensor<AD, 3>,
+    m: Tensor<AD, 2>,
+}
+
+/// Embeddings of random ids (seed `seed`), features (`seed + 1`), target features
+/// (`seed + 2`, ×3) and the loss mask `mask`.
+fn fixture_batch(seed: u64, mask: [f32; 12]) -> FixtureBatch {
+    let target = fixture();
+    let dev = target.device().clone();
+    let cfg = draft_config(target.config());
+    let (b, l, h) = (2, 6, cfg.hidden_size);
+    FixtureBatch {
+        lm_head: Tensor::from_inner(target.lm_head()),
+        emb: Tensor::from_inner(embed(&target, &ids(seed, b, l, cfg.vocab_size))),
+        f: Tensor::from_inner(features(seed + 1, b, l, h, &dev)),
+        tgt: Tensor::from_inner(features(seed + 2, b, l, h, &dev) * 3.0),
+        m: Tensor::from_data(TensorData::new(mask.to_vec(), [b, l]), &dev),
+        target,
+        dev,
+        cfg,
+    }
+}
+
 #[test]
 fn fused_loss_gradient_equals_autodiff_reference() {
     // Tiny example: gradient w.r.t. predict itself.
@@ -741,24 +772,18 @@ fn fused_loss_gradient_equals_autodiff_reference() {
 
     // Fixture sizes (V = 512), batch 2, through a HASS forward-2: every parameter
     // gradient equal.
-    let target = fixture();
-    let dev = target.device().clone();
-    let cfg = draft_config(target.config());
+    let FixtureBatch {
+        target: _,
+        dev,
+        cfg,
+        lm_head,
+        emb,
+        f,
+        tgt,
+        m,
+    } = fixture_batch(90, [0., 1., 1., 1., 1., 0., 1., 0., 1., 1., 1., 0.]);
     let (b, l, h) = (2, 6, cfg.hidden_size);
-    let lm_head = Tensor::<AD, 2>::from_inner(target.lm_head());
-    let emb = Tensor::<AD, 3>::from_inner(embed(&target, &ids(90, b, l, cfg.vocab_size)));
-    let f = Tensor::<AD, 3>::from_inner(features(91, b, l, h, &dev));
-    let q1 = Tensor::<AD, 3>::from_inner(features(92, b, l, h, &dev));
-    let tgt = Tensor::<AD, 3>::from_inner(features(93, b, l, h, &dev) * 3.0);
-    let m = Tensor::<AD, 2>::from_data(
-        TensorData::new(
-            vec![
-                0.0f32, 1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 1.0, 1.0, 1.0, 0.0,
-            ],
-            [b, l],
-        ),
-        &dev,
-    );
+    let q1 = Tensor::<AD, 3>::from_inner(features(93, b, l, h, &dev));
     let weights = LossWeights {
         topk_w: 1.0,
         k: 10,
@@ -803,23 +828,17 @@ fn fused_loss_gradient_equals_autodiff_reference() {
 #[test]
 fn device_loss_path_equals_host_path() {
     assert_eq!(LossPath::for_backend::<AD>(), LossPath::Host);
-    let target = fixture();
-    let dev = target.device().clone();
-    let cfg = draft_config(target.config());
-    let (b, l, h) = (2, 6, cfg.hidden_size);
-    let lm_head = Tensor::<AD, 2>::from_inner(target.lm_head());
-    let emb = Tensor::<AD, 3>::from_inner(embed(&target, &ids(70, b, l, cfg.vocab_size)));
-    let f = Tensor::<AD, 3>::from_inner(features(71, b, l, h, &dev));
-    let tgt = Tensor::<AD, 3>::from_inner(features(72, b, l, h, &dev) * 3.0);
-    let m = Tensor::<AD, 2>::from_data(
-        TensorData::new(
-            vec![
-                1.0f32, 1.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0,
-            ],
-            [b, l],
-        ),
-        &dev,
-    );
+    let FixtureBatch {
+        target,
+        dev,
+        cfg,
+        lm_head,
+        emb,
+        f,
+        tgt,
+        m,
+    } = fixture_batch(70, [1., 1., 0., 1., 1., 1., 0., 0., 1., 1., 1., 1.]);
+    let (b, l) = (2, 6);
     let weights = LossWeights {
         topk_w: 1.0,
         k: 10,
