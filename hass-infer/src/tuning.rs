@@ -467,7 +467,7 @@ pub fn measure<B: HassBackend>(
             .build()?
             .into())
     };
-    let rounds = decode_all(
+    let cheapest = decode_all(
         &mut speculative(TreeParams::new(1, 0, 1)?)?,
         &opts.prompts,
         &cfg,
@@ -544,7 +544,7 @@ pub fn measure<B: HassBackend>(
         costs: CostProfile {
             verify_ms,
             draft_step_ms,
-            other_ms: rounds.other.as_secs_f64() * 1e3 / rounds.rounds.max(1) as f64,
+            other_ms: cheapest.other.as_secs_f64() * 1e3 / cheapest.rounds.max(1) as f64,
             context: n,
             vanilla_step_ms: None,
             round_scale: 1.0,
