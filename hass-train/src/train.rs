@@ -751,7 +751,8 @@ pub fn multi_step_accuracy<B: HassBackend>(
                 total[k] += 1;
                 ok &= tok == target_next[at];
                 correct[k] += ok as usize;
-                if k + 1 < STEPS && at + 1 < l {
+                // After a miss every later step fails: count them without decoding.
+                if ok && k + 1 < STEPS && at + 1 < l {
                     hidden = head.forward(target, hidden, &[tok], &[at], &mut steps, None)?;
                     tok = draft_argmax(hidden.clone())?[0];
                 }
