@@ -124,10 +124,7 @@ impl HassBackend for Flex {
             };
             let mut out = vec![0.0f32; m * n];
             large_m::matmul_views(xv, m, k, wv, n, &mut out);
-            return Tensor::from_primitive(TensorPrimitive::Float(FlexTensor::from_data(
-                TensorData::new(out, [m, n]),
-            )))
-            .to_device(&x.device());
+            return host_tensor(out, [m, n], &x.device());
         }
         let weights = match wp.dtype() {
             DType::F32 => wp.as_slice::<f32>().map(Weights::F32),
@@ -209,10 +206,7 @@ impl HassBackend for Flex {
             mask.as_deref(),
             &mut out,
         );
-        Tensor::from_primitive(TensorPrimitive::Float(FlexTensor::from_data(
-            TensorData::new(out, [1, groups, rows, hd]),
-        )))
-        .to_device(&device)
+        host_tensor(out, [1, groups, rows, hd], &device)
     }
 
     const QUANT_KERNELS: bool = true;
@@ -276,10 +270,19 @@ fn on_host(
     };
     let mut out = vec![0.0f32; m * n];
     product(xp.as_slice::<f32>().expect("contiguous f32"), &mut out);
+    host_tensor(out, [m, n], &device)
+}
+
+/// A kernel's row-major f32 output as a tensor on `device`.
+fn host_tensor<const D: usize>(
+    data: Vec<f32>,
+    shape: [usize; D],
+    device: &Device<Flex>,
+) -> Tensor<Flex, D> {
     Tensor::from_primitive(TensorPrimitive::Float(FlexTensor::from_data(
-        TensorData::new(out, [m, n]),
+        TensorData::new(data, shape),
     )))
-    .to_device(&device)
+    .to_device(device)
 }
 
 /// Burn's batched attention: the trait's default, and the fallback of overrides.
@@ -297,7 +300,8 @@ fn default_attention<B: Backend>(
     softmax(scores, 3).matmul(v)
 }
 
-/// Training differentiates through Burn's matmul.
+/// Training differentiates through the inner backend's kernels: `project` is recorded
+/// as a matmul below; the rest is Burn's autodiff.
 impl<B: HassBackend, C: CheckpointStrategy> HassBackend for Autodiff<B, C> {
     const HOST_MEMORY: bool = B::HOST_MEMORY;
 
