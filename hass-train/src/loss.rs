@@ -96,6 +96,16 @@ impl TopkAccuracy {
             self.top3 += (r < 3) as usize;
         }
     }
+
+    /// Counts the rows `r` with `keep(r)`: `top` holds each row's draft ids, best
+    /// first, `k` per row; `argmax[r]` is the row's target token.
+    fn count_rows(&mut self, top: &[u32], k: usize, argmax: &[u32], keep: impl Fn(usize) -> bool) {
+        for (r, (ids, am)) in top.chunks(k).zip(argmax).enumerate() {
+            if keep(r) {
+                self.count(ids.iter().position(|t| t == am));
+            }
+        }
+    }
 }
 
 /// The losses of one HASS forward ([`TargetDist::loss`]).
@@ -430,16 +440,9 @@ impl<B: HassBackend> TargetDist<B> {
                     row_weight,
                 } => {
                     let logits = pv.matmul(head.transpose());
-                    let top3 = host_ids_2d(
-                        logits
-                            .clone()
-                            .detach()
-                            .topk_with_indices(3.min(self.vocab), 1)
-                            .1,
-                    );
-                    for (r, ids) in top3.iter().enumerate() {
-                        accuracy.count(ids.iter().position(|&t| t == self.argmax[r]));
-                    }
+                    let kk = 3.min(self.vocab);
+                    let top3 = host_ids(logits.clone().detach().topk_with_indices(kk, 1).1);
+                    accuracy.count_rows(&top3, kk, &self.argmax, |_| true);
                     let logq = log_softmax(logits, 1);
                     let pl = (probs.clone() * logq.clone()).sum_dim(1).neg() * row_weight.clone();
                     let tl = (topk_probs.clone() * logq.gather(1, topk_ids.clone()))
@@ -566,7 +569,7 @@ impl HostTarget<'_> {
     }
 }
 
-/// `[n]` or `[n, 1]` integer ids as host data.
+/// Integer ids as host data, row-major.
 fn host_ids<B: HassBackend, const D: usize>(t: Tensor<B, D, Int>) -> Vec<u32> {
     t.into_data()
         .convert::<i64>()
@@ -575,12 +578,6 @@ fn host_ids<B: HassBackend, const D: usize>(t: Tensor<B, D, Int>) -> Vec<u32> {
         .into_iter()
         .map(|x| x as u32)
         .collect()
-}
-
-/// `[n, c]` integer ids as host rows.
-fn host_ids_2d<B: HassBackend>(t: Tensor<B, 2, Int>) -> Vec<Vec<u32>> {
-    let c = t.dims()[1];
-    host_ids(t).chunks(c).map(<[u32]>::to_vec).collect()
 }
 
 // ------------------------------------------------------------------ tensor versions
@@ -683,25 +680,10 @@ pub fn topk_accuracy<B: HassBackend>(
     target_argmax: Tensor<B, 2, Int>,
     mask: Tensor<B, 2>,
 ) -> TopkAccuracy {
-    let [b, l, v] = scores.dims();
-    let kk = 3.min(v);
-    let (_, ids) = scores.detach().topk_with_indices(kk, 2);
-    let ids: Vec<i64> = ids
-        .into_data()
-        .convert::<i64>()
-        .into_vec()
-        .expect("int data");
-    let am: Vec<i64> = target_argmax
-        .into_data()
-        .convert::<i64>()
-        .into_vec()
-        .expect("int data");
+    let kk = 3.min(scores.dims()[2]);
+    let ids = host_ids(scores.detach().topk_with_indices(kk, 2).1);
     let m = host_f32(mask);
     let mut acc = TopkAccuracy::default();
-    for r in 0..b * l {
-        if m[r] != 0.0 {
-            acc.count(ids[r * kk..(r + 1) * kk].iter().position(|&t| t == am[r]));
-        }
-    }
+    acc.count_rows(&ids, kk, &host_ids(target_argmax), |r| m[r] != 0.0);
     acc
 }
