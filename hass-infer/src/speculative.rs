@@ -38,6 +38,16 @@ pub struct SpeculativeStats {
 }
 
 impl SpeculativeStats {
+    /// Adds another request's rounds: totals over several requests.
+    pub fn add(&mut self, other: &SpeculativeStats) {
+        self.rounds += other.rounds;
+        self.accepted_per_round
+            .extend_from_slice(&other.accepted_per_round);
+        self.draft_time += other.draft_time;
+        self.verify_time += other.verify_time;
+        self.other_time += other.other_time;
+    }
+
     /// Mean tokens committed per round: mean accepted + 1 (spec §6.2's τ).
     pub fn tau(&self) -> f64 {
         if self.accepted_per_round.is_empty() {

@@ -37,7 +37,7 @@ use serde::{Deserialize, Serialize};
 use crate::generation::GenerationConfig;
 use crate::generator::Generator;
 use crate::proposer::{draft_step, head_top_k};
-use crate::speculative::SpeculativeGenerator;
+use crate::speculative::{SpeculativeGenerator, SpeculativeStats};
 use crate::vanilla::VanillaGenerator;
 
 /// Measured costs of the pieces of a speculative round, in milliseconds.
@@ -450,16 +450,13 @@ pub fn measure<B: HassBackend>(
             "verify sizes must be ascending and start at 1".into(),
         ));
     }
-    // Calibration text, the cost of a plain decode step end to end, and the
-    // rest-of-round cost on real rounds (T = 0, so the output is the target's own
-    // greedy continuation).
+    // Calibration text, and the rest-of-round cost on real rounds (T = 0, so the
+    // output is the target's own greedy continuation).
     let cfg = GenerationConfig {
         max_new_tokens: opts.gen_tokens,
         stop_tokens: vec![u32::MAX],
         ..Default::default()
     };
-    let mut vanilla: Generator<'_, B> = VanillaGenerator::new(target).into();
-    let calibration = decode_all(&mut vanilla, &opts.prompts, &cfg)?;
     let speculative = |tree| -> Result<Generator<'_, B>> {
         Ok(SpeculativeGenerator::builder(target)
             .head(head)
@@ -475,7 +472,7 @@ pub fn measure<B: HassBackend>(
     let sequences: Vec<(usize, Vec<u32>)> = opts
         .prompts
         .iter()
-        .zip(&calibration.outputs)
+        .zip(&cheapest.outputs)
         .map(|(prompt, out)| (prompt.len(), [prompt.as_slice(), out].concat()))
         .collect();
     let mut acceptance = AcceptanceStats::new(opts.levels, opts.max_k);
@@ -544,7 +541,8 @@ pub fn measure<B: HassBackend>(
         costs: CostProfile {
             verify_ms,
             draft_step_ms,
-            other_ms: cheapest.other.as_secs_f64() * 1e3 / cheapest.rounds.max(1) as f64,
+            other_ms: cheapest.rounds.other_time.as_secs_f64() * 1e3
+                / cheapest.rounds.rounds.max(1) as f64,
             context: n,
             vanilla_step_ms: None,
             round_scale: 1.0,
@@ -555,13 +553,14 @@ pub fn measure<B: HassBackend>(
     // The model's first choice and plain decoding, run end to end, interleaved prompt
     // by prompt so that a change in the machine's load hits both alike.
     let best = tuning.best(&TuneGrid::default())?;
+    let mut vanilla: Generator<'_, B> = VanillaGenerator::new(target).into();
     let mut spec = speculative(best.params)?;
     let (mut v, mut s) = (Decoded::default(), Decoded::default());
     for prompt in &opts.prompts {
         v.add(&mut vanilla, prompt, &cfg)?;
         s.add(&mut spec, prompt, &cfg)?;
     }
-    if v.tokens > 0 && s.rounds > 0 {
+    if v.tokens > 0 && s.rounds.rounds > 0 {
         tuning.costs.vanilla_step_ms = Some(1e3 / v.tokens_per_s());
         tuning.costs.round_scale = s.ms_per_round() / best.round_ms;
         tuning.validation = Some(Validation {
@@ -569,7 +568,7 @@ pub fn measure<B: HassBackend>(
             predicted_tokens_per_s: best.tokens_per_s,
             measured_tokens_per_s: s.tokens_per_s(),
             predicted_tau: best.expected_tau,
-            measured_tau: s.tau(),
+            measured_tau: s.rounds.tau(),
             vanilla_forward_tokens_per_s: 1e3 / tuning.costs.verify(1),
             vanilla_measured_tokens_per_s: v.tokens_per_s(),
         });
@@ -584,11 +583,8 @@ struct Decoded {
     outputs: Vec<Vec<u32>>,
     tokens: usize,
     time: Duration,
-    /// Speculative rounds, the draft tokens they accepted, and their time outside
-    /// drafting and verification (zero for plain decoding).
-    rounds: usize,
-    accepted: usize,
-    other: Duration,
+    /// The speculative rounds of all requests (none for plain decoding).
+    rounds: SpeculativeStats,
 }
 
 impl Decoded {
@@ -603,9 +599,7 @@ impl Decoded {
         self.tokens += out.stats.generated_tokens.saturating_sub(1);
         self.time += out.stats.decode_time;
         if let Some(st) = gen.speculative_stats() {
-            self.rounds += st.rounds;
-            self.accepted += st.accepted_per_round.iter().sum::<usize>();
-            self.other += st.other_time;
+            self.rounds.add(st);
         }
         self.outputs.push(out.tokens);
         Ok(())
@@ -616,11 +610,7 @@ impl Decoded {
     }
 
     fn ms_per_round(&self) -> f64 {
-        self.time.as_secs_f64() * 1e3 / self.rounds.max(1) as f64
-    }
-
-    fn tau(&self) -> f64 {
-        1.0 + self.accepted as f64 / self.rounds.max(1) as f64
+        self.time.as_secs_f64() * 1e3 / self.rounds.rounds.max(1) as f64
     }
 }
 
@@ -848,6 +838,23 @@ impl ResolvedTree {
             Some(a) if !a.speculate => None,
             _ => Some(self.tree),
         }
+    }
+
+    /// The decoder this resolution asks for: speculative with `head` on the tree, or
+    /// plain where `auto` found that faster.
+    pub fn generator<'a, B: HassBackend>(
+        &self,
+        target: &'a Llama<B>,
+        head: &'a DraftHead<B>,
+    ) -> Result<Generator<'a, B>> {
+        Ok(match self.speculative_tree() {
+            Some(tree) => SpeculativeGenerator::builder(target)
+                .head(head)
+                .tree(tree)
+                .build()?
+                .into(),
+            None => VanillaGenerator::new(target).into(),
+        })
     }
 }
 

@@ -14,7 +14,7 @@ use hass_core::chat::ChatTemplate;
 use hass_core::tokenizer::{TokenStream, Tokenizer};
 use hass_core::HassError;
 use hass_infer::tuning::TreeSpec;
-use hass_infer::{GenerationConfig, Generator, SpeculativeGenerator, StopReason, VanillaGenerator};
+use hass_infer::{GenerationConfig, Generator, StopReason, VanillaGenerator};
 use hass_models::assets::{ensure, find_data, Asset, DEFAULT_HEAD};
 use hass_models::{
     default_device, load_model, DefaultBackend, DraftHead, LoadedModel, WeightDtype,
@@ -319,15 +319,9 @@ fn build_generator<'a>(
     if let Some(a) = &resolved.auto {
         eprintln!("{a}");
     }
-    let Some(tree) = resolved.speculative_tree() else {
-        return Ok(VanillaGenerator::new(&loaded.model).into());
-    };
-    let generator = SpeculativeGenerator::builder(&loaded.model)
-        .head(head)
-        .tree(tree)
-        .build()
-        .map_err(load_err("the speculative generator"))?;
-    Ok(generator.into())
+    resolved
+        .generator(&loaded.model, head)
+        .map_err(load_err("the speculative generator"))
 }
 
 fn load(options: &EngineOptions) -> Result<LoadedModel<B>, EngineError> {

@@ -96,11 +96,13 @@ fn main() -> Result<()> {
         (None, false) => bail!("give this model's draft head with --draft DIR (or oracle/random)"),
     };
     let head;
-    let builder = SpeculativeGenerator::builder(m);
     let mut generator: Generator<_> = match draft.as_str() {
         "oracle" => {
             eprintln!("drafter: oracle (the target drafts for itself; a correctness check, slower than vanilla)");
-            builder.oracle(args.oracle_depth).build()?.into()
+            SpeculativeGenerator::builder(m)
+                .oracle(args.oracle_depth)
+                .build()?
+                .into()
         }
         name => {
             head = if name == "random" {
@@ -116,10 +118,7 @@ fn main() -> Result<()> {
             if let Some(a) = &resolved.auto {
                 eprintln!("{a}");
             }
-            match resolved.speculative_tree() {
-                Some(tree) => builder.head(&head).tree(tree).build()?.into(),
-                None => VanillaGenerator::new(m).into(),
-            }
+            resolved.generator(m, &head)?
         }
     };
     let t = Instant::now();
