@@ -4,24 +4,27 @@
 //! Each row of `x` is quantised on its own to int8 blocks of 32 with an f32 scale
 //! (ggml's Q8 scheme, the scale kept in f32 rather than f16), so the integer dot
 //! product of a weight block with an activation block is exact. Output `(i, j)` is then
-//! one fixed sequence of f32 operations over the blocks of row `j`:
+//! one fixed sequence of f32 operations over the blocks `b` of row `j`:
 //!
-//! * lane `l` (0..8) of block `b` is the exact integer sum over weights `4l..4l+4`;
-//! * it is multiply-added, `fma(lane, d_w · d_x, acc)`, into accumulator lane `l` of
-//!   the even or the odd blocks (two chains, as two vector registers);
-//! * Q4_1's offsets add `fma(m_w, d_x · Σq_x, macc)` into an even and an odd chain;
-//! * the end is `((even + odd)` folded `8 → 4 → 2 → 1) + (macc_even + macc_odd)`.
+//! * `acc = fma(f32(Σ_e w_e · x_e), d_w · d_x, acc)`, the block's exact integer dot
+//!   product scaled once;
+//! * for Q4_1, `macc = fma(m_w, d_x · Σ_e x_e, macc)`;
+//! * the end is `acc + macc` (`macc` = 0 for the other types).
 //!
 //! Nothing in it depends on `m`, the row's position, the tiling or the threads, so a
 //! token verified in a tree gets bitwise the logits it gets decoded alone, and greedy
-//! speculative decoding stays token-identical to vanilla decoding. The AVX-512 VNNI
-//! kernel (`vpdpbusd`), the AVX2 kernel (`vpmaddubsw` + `vpmaddwd`: the same exact lane
-//! sums) and the portable fallback compute that same sequence, bit for bit.
+//! speculative decoding stays token-identical to vanilla decoding. Weight rows are
+//! interleaved sixteen at a time (`panel`), so the lanes of a vector register are
+//! sixteen output columns: the AVX-512 VNNI kernel (`vpdpbusd` with a broadcast
+//! activation quad), the AVX2 kernel (`vpmaddubsw` + `vpmaddwd`, eight lanes at a time)
+//! and the portable fallback compute the same integer sums and then that same
+//! sequence, bit for bit.
 //!
-//! Threads own contiguous ranges of weight rows (each streams its blocks once for all
-//! rows of `x`); activations are taken `MC` rows at a time so that the quantised rows a
-//! weight row meets stay in L2.
+//! Threads own contiguous ranges of sixteen-row groups (each streams its weights once
+//! for all rows of `x`); activations are taken `MC` rows at a time so that the
+//! quantised rows a group meets stay in L2, and `MR` at a time in registers.
 
+use super::panel::{lines_per_block, scales_per_block, Line, Panels, LANES};
 use super::{QMatrix, QType, BLOCK};
 use crate::spin_pool::{OutPtr, Pool};
 
@@ -33,12 +36,14 @@ const MC: usize = 64;
 /// a helper costs a few microseconds to hand out and join).
 const PAR_MIN_WORK: usize = 1 << 17;
 
-/// Activations quantised per row: int8 blocks, their scales and Σq · scale.
+/// Activations quantised per row: int8 blocks, their scales and sums.
 struct QActs {
     nb: usize,
     q: Vec<i8>,
     d: Vec<f32>,
-    /// `d · Σq` per block (Q4_1's offset term).
+    /// `Σq` per block: the unsigned weight bytes' offset term.
+    sum: Vec<i32>,
+    /// `d · Σq` per block (Q4_1's `m` term).
     t: Vec<f32>,
 }
 
@@ -50,6 +55,7 @@ fn quantize_acts(x: &[f32], m: usize, k: usize) -> QActs {
         nb,
         q: vec![0; m * k],
         d: vec![0.0; m * nb],
+        sum: vec![0; m * nb],
         t: vec![0.0; m * nb],
     };
     for (bi, (xb, qb)) in x
@@ -69,6 +75,7 @@ fn quantize_acts(x: &[f32], m: usize, k: usize) -> QActs {
             sum += *q as i32;
         }
         a.d[bi] = d;
+        a.sum[bi] = sum;
         a.t[bi] = d * sum as f32;
     }
     a
@@ -95,17 +102,18 @@ pub fn qmatmul(x: &[f32], m: usize, w: &QMatrix, out: &mut [f32]) {
         out: OutPtr(out.as_mut_ptr()),
         isa: Isa::detect(),
     };
+    let groups = w.groups();
     let pool = Pool::global();
     let parts = if m * k * n < PAR_MIN_WORK {
         1
     } else {
         rayon::current_num_threads()
             .min(pool.threads())
-            .min(n)
+            .min(groups)
             .max(1)
     };
-    let per = n.div_ceil(parts);
-    let part = |p: usize| job.rows(p * per, ((p + 1) * per).min(n));
+    let per = groups.div_ceil(parts);
+    let part = |p: usize| job.groups(p * per, ((p + 1) * per).min(groups));
     match parts {
         1 => part(0),
         _ => pool.run(parts, &part),
@@ -130,8 +138,9 @@ impl Isa {
                 && is_x86_feature_detected!("fma")
                 && is_x86_feature_detected!("f16c");
             if avx2
+                && is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
                 && is_x86_feature_detected!("avx512vnni")
-                && is_x86_feature_detected!("avx512vl")
             {
                 return Isa::Vnni;
             }
@@ -153,60 +162,64 @@ struct Job<'a> {
 }
 
 impl Job<'_> {
-    /// Output columns (weight rows) `j0..j1`, segment by segment.
-    fn rows(&self, j0: usize, j1: usize) {
-        let mut first = 0; // global index of the segment's first row
+    /// Groups `g0..g1`, counted over the segments one after another.
+    fn groups(&self, g0: usize, g1: usize) {
+        let (mut first_group, mut first_row) = (0, 0);
         for seg in &self.w.segments {
-            let (a, b) = (j0.max(first), j1.min(first + seg.rows));
+            let p = &seg.0;
+            let (a, b) = (g0.max(first_group), g1.min(first_group + p.groups()));
             if a < b {
-                let rb = self.acts.nb * seg.ty.block_bytes();
                 let span = Span {
-                    w: seg.bytes[(a - first) * rb..].as_ptr(),
-                    row_bytes: rb,
-                    rows: b - a,
-                    col0: a,
+                    p,
+                    g0: a - first_group,
+                    g1: b - first_group,
+                    col0: first_row,
                 };
-                // SAFETY: `span` lies inside the segment; columns `a..b` are this
-                // part's alone; the ISA was detected on this CPU.
-                unsafe { self.span(seg.ty, span) };
+                // SAFETY: the groups are inside the segment; their output columns are
+                // this part's alone; the ISA was detected on this CPU.
+                unsafe { self.span(span) };
             }
-            first += seg.rows;
+            first_group += p.groups();
+            first_row += p.rows;
         }
     }
 
-    unsafe fn span(&self, ty: QType, s: Span) {
+    unsafe fn span(&self, s: Span) {
         unsafe {
-            match (self.isa, ty) {
+            match (self.isa, s.p.ty) {
                 (Isa::Portable, QType::Q8_0) => span::<Portable, Q8>(self, s),
                 (Isa::Portable, QType::Q4_0) => span::<Portable, Q40>(self, s),
                 (Isa::Portable, QType::Q4_1) => span::<Portable, Q41>(self, s),
                 #[cfg(target_arch = "x86_64")]
-                (Isa::Avx2, _) => span_avx2(self, ty, s),
+                (Isa::Avx2, _) => span_avx2(self, s),
                 #[cfg(target_arch = "x86_64")]
-                (Isa::Vnni, _) => span_vnni(self, ty, s),
+                (Isa::Vnni, _) => span_vnni(self, s),
             }
         }
     }
 }
 
-/// Weight rows of one type: `rows` rows from `w`, output columns from `col0`.
+/// Groups `g0..g1` of one segment, whose first row is output column `col0`.
 #[derive(Clone, Copy)]
-struct Span {
-    w: *const u8,
-    row_bytes: usize,
-    rows: usize,
+struct Span<'a> {
+    p: &'a Panels,
+    g0: usize,
+    g1: usize,
     col0: usize,
 }
 
-/// A block type's layout.
+/// A block type's layout in the panels.
 trait Kind {
-    const BYTES: usize;
-    /// Offset of the nibbles / int8s.
-    const QS: usize;
-    /// Weights are signed (Q8_0, Q4_0), else unsigned nibbles with an offset `m`.
-    const SIGNED: bool;
-    /// Weight `e` (0..32) of the block at `p` as an integer.
-    fn weight(p: &[u8], e: usize) -> i32;
+    const TY: QType;
+    const LINES: usize = lines_per_block(Self::TY);
+    const SCALES: usize = scales_per_block(Self::TY);
+    /// Two weights per byte.
+    const NIBBLES: bool;
+    /// What the unsigned bytes of the lines exceed the weights by: the integer dot
+    /// product is `Σ u · x − OFFSET · Σx`.
+    const OFFSET: i32;
+    /// Q4_1's `m` term.
+    const MIN: bool;
 }
 
 struct Q8;
@@ -214,140 +227,92 @@ struct Q40;
 struct Q41;
 
 impl Kind for Q8 {
-    const BYTES: usize = 34;
-    const QS: usize = 2;
-    const SIGNED: bool = true;
-    #[inline(always)]
-    fn weight(p: &[u8], e: usize) -> i32 {
-        p[Self::QS + e] as i8 as i32
-    }
-}
-
-/// Nibble `e` of a Q4 block: bytes hold weights `e` (low) and `e + 16` (high).
-#[inline(always)]
-fn nibble(qs: &[u8], e: usize) -> i32 {
-    if e < 16 {
-        (qs[e] & 0x0F) as i32
-    } else {
-        (qs[e - 16] >> 4) as i32
-    }
+    const TY: QType = QType::Q8_0;
+    const NIBBLES: bool = false;
+    const OFFSET: i32 = 128;
+    const MIN: bool = false;
 }
 
 impl Kind for Q40 {
-    const BYTES: usize = 18;
-    const QS: usize = 2;
-    const SIGNED: bool = true;
-    #[inline(always)]
-    fn weight(p: &[u8], e: usize) -> i32 {
-        nibble(&p[Self::QS..], e) - 8
-    }
+    const TY: QType = QType::Q4_0;
+    const NIBBLES: bool = true;
+    const OFFSET: i32 = 8;
+    const MIN: bool = false;
 }
 
 impl Kind for Q41 {
-    const BYTES: usize = 20;
-    const QS: usize = 4;
-    const SIGNED: bool = false;
-    #[inline(always)]
-    fn weight(p: &[u8], e: usize) -> i32 {
-        nibble(&p[Self::QS..], e)
+    const TY: QType = QType::Q4_1;
+    const NIBBLES: bool = true;
+    const OFFSET: i32 = 0;
+    const MIN: bool = true;
+}
+
+/// The unsigned byte of weight `e` (0..32) of lane `j` in one block's lines.
+#[inline(always)]
+fn unsigned_weight<K: Kind>(lines: &[Line], j: usize, e: usize) -> i32 {
+    if K::NIBBLES {
+        let byte = lines[(e % 16) / 4].0[4 * j + e % 4];
+        (if e < 16 { byte & 0x0F } else { byte >> 4 }) as i32
+    } else {
+        lines[e / 4].0[4 * j + e % 4] as i32
     }
 }
 
-/// f16 at byte offset `o` of `p`, as f32.
+/// f16 bits as f32.
 #[inline(always)]
-fn f16_at(p: &[u8], o: usize) -> f32 {
-    half::f16::from_le_bytes([p[o], p[o + 1]]).to_f32()
+fn f16(bits: u16) -> f32 {
+    half::f16::from_bits(bits).to_f32()
 }
 
 /// The row-tile kernels of one instruction set.
 trait Tile {
-    /// Outputs `(r0 + r, j + c)` for `r < R`, `c < RW`: `RW` weight rows from `w`,
-    /// `row_bytes` apart (`nb` blocks of kind `K` each). Several weight rows give a one-
-    /// or two-row product independent chains to overlap.
-    unsafe fn tile<K: Kind, const R: usize, const RW: usize>(
-        w: *const u8,
-        row_bytes: usize,
+    /// Outputs `(r0 + r, 16g + j)` for `r < R`, `j < 16` of group `g`.
+    unsafe fn tile<K: Kind, const R: usize>(
+        p: &Panels,
+        g: usize,
         a: &QActs,
         r0: usize,
-    ) -> [[f32; R]; RW];
+    ) -> [[f32; LANES]; R];
 }
 
-/// Loop nest shared by every instruction set: `MC`-row chunks, then weight rows, each
-/// with full `MR`-row tiles; the rows left (1..3) take several weight rows at once.
+/// Loop nest shared by every instruction set: `MC`-row chunks, then groups, each with
+/// `MR`-row tiles and one tile of the rows left (1..3).
 #[inline(always)]
-unsafe fn span<T: Tile, K: Kind>(job: &Job<'_>, s: Span) {
+unsafe fn span<T: Tile, K: Kind>(job: &Job<'_>, s: Span<'_>) {
     let (m, n, a) = (job.m, job.w.rows, job.acts);
-    let put = |r0: usize, j: usize, v: &[f32]| {
-        for (r, &v) in v.iter().enumerate() {
-            // SAFETY: `(r0 + r, j)` is inside `out`, in this part's columns.
-            unsafe { *job.out.0.add((r0 + r) * n + j) = v };
-        }
-    };
     for c0 in (0..m).step_by(MC) {
         let c1 = (c0 + MC).min(m);
-        let left = c0 + (c1 - c0) / MR * MR;
-        let mut jr = 0;
-        while jr < s.rows {
-            let w = unsafe { s.w.add(jr * s.row_bytes) };
-            let j = s.col0 + jr;
-            let rb = s.row_bytes;
+        for g in s.g0..s.g1 {
+            let j0 = s.col0 + g * LANES;
+            let width = LANES.min(s.p.rows - g * LANES);
+            let put = |r0: usize, v: &[[f32; LANES]]| {
+                for (r, v) in v.iter().enumerate() {
+                    // SAFETY: row `r0 + r` < m; columns `j0..j0 + width` are inside
+                    // `out` and in this part's groups.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            v.as_ptr(),
+                            job.out.0.add((r0 + r) * n + j0),
+                            width,
+                        )
+                    };
+                }
+            };
             let mut r0 = c0;
             unsafe {
-                while r0 < left {
-                    put(r0, j, &T::tile::<K, MR, 1>(w, rb, a, r0)[0]);
+                while r0 + MR <= c1 {
+                    put(r0, &T::tile::<K, MR>(s.p, g, a, r0));
                     r0 += MR;
                 }
-                let wide = s.rows - jr >= 4;
-                let done = match (c1 - left, wide) {
-                    (1, true) => {
-                        for (c, v) in T::tile::<K, 1, 4>(w, rb, a, r0).iter().enumerate() {
-                            put(r0, j + c, v);
-                        }
-                        4
-                    }
-                    (2, true) => {
-                        for (c, v) in T::tile::<K, 2, 2>(w, rb, a, r0).iter().enumerate() {
-                            put(r0, j + c, v);
-                        }
-                        2
-                    }
-                    (1, false) => {
-                        put(r0, j, &T::tile::<K, 1, 1>(w, rb, a, r0)[0]);
-                        1
-                    }
-                    (2, false) => {
-                        put(r0, j, &T::tile::<K, 2, 1>(w, rb, a, r0)[0]);
-                        1
-                    }
-                    (3, _) => {
-                        put(r0, j, &T::tile::<K, 3, 1>(w, rb, a, r0)[0]);
-                        1
-                    }
-                    _ => 1,
-                };
-                // Weight rows the wide tile covered have their full tiles still to do.
-                for c in 1..done {
-                    let wc = w.add(c * rb);
-                    let mut r0 = c0;
-                    while r0 < left {
-                        put(r0, j + c, &T::tile::<K, MR, 1>(wc, rb, a, r0)[0]);
-                        r0 += MR;
-                    }
+                match c1 - r0 {
+                    1 => put(r0, &T::tile::<K, 1>(s.p, g, a, r0)),
+                    2 => put(r0, &T::tile::<K, 2>(s.p, g, a, r0)),
+                    3 => put(r0, &T::tile::<K, 3>(s.p, g, a, r0)),
+                    _ => {}
                 }
-                jr += done;
             }
         }
     }
-}
-
-/// The end of every output: `((even + odd)` folded `8 → 4 → 2 → 1) + (macc_even +
-/// macc_odd)`.
-#[inline(always)]
-fn finish(even: [f32; 8], odd: [f32; 8], macc: [f32; 2]) -> f32 {
-    let v: [f32; 8] = std::array::from_fn(|l| even[l] + odd[l]);
-    let v4: [f32; 4] = std::array::from_fn(|l| v[l] + v[l + 4]);
-    let v2 = [v4[0] + v4[2], v4[1] + v4[3]];
-    (v2[0] + v2[1]) + (macc[0] + macc[1])
 }
 
 /// Plain Rust: the reference the SIMD kernels match bit for bit.
@@ -355,35 +320,35 @@ struct Portable;
 
 impl Tile for Portable {
     #[inline(always)]
-    unsafe fn tile<K: Kind, const R: usize, const RW: usize>(
-        w: *const u8,
-        row_bytes: usize,
+    unsafe fn tile<K: Kind, const R: usize>(
+        p: &Panels,
+        g: usize,
         a: &QActs,
         r0: usize,
-    ) -> [[f32; R]; RW] {
+    ) -> [[f32; LANES]; R] {
         let nb = a.nb;
-        std::array::from_fn(|c| {
-            let w = unsafe { std::slice::from_raw_parts(w.add(c * row_bytes), nb * K::BYTES) };
-            let mut acc = [[[0f32; 8]; 2]; R];
-            let mut macc = [[0f32; 2]; R];
-            for (b, blk) in w.chunks_exact(K::BYTES).enumerate() {
-                let dw = f16_at(blk, 0);
-                let wq: [i32; BLOCK] = std::array::from_fn(|e| K::weight(blk, e));
-                for r in 0..R {
-                    let i = (r0 + r) * nb + b;
-                    let xq = &a.q[i * BLOCK..(i + 1) * BLOCK];
-                    let s = dw * a.d[i];
-                    for l in 0..8 {
-                        let p: i32 = (4 * l..4 * l + 4).map(|e| wq[e] * xq[e] as i32).sum();
-                        acc[r][b & 1][l] = (p as f32).mul_add(s, acc[r][b & 1][l]);
-                    }
-                    if !K::SIGNED {
-                        macc[r][b & 1] = f16_at(blk, 2).mul_add(a.t[i], macc[r][b & 1]);
+        let mut acc = [[0f32; LANES]; R];
+        let mut macc = [[0f32; LANES]; R];
+        for b in 0..nb {
+            let gb = g * nb + b;
+            let lines = &p.lines[gb * K::LINES..(gb + 1) * K::LINES];
+            let sc = &p.scales[gb * K::SCALES..(gb + 1) * K::SCALES];
+            for r in 0..R {
+                let i = (r0 + r) * nb + b;
+                let xq = &a.q[i * BLOCK..(i + 1) * BLOCK];
+                for j in 0..LANES {
+                    let u: i32 = (0..BLOCK)
+                        .map(|e| unsigned_weight::<K>(lines, j, e) * xq[e] as i32)
+                        .sum();
+                    let dot = u - K::OFFSET * a.sum[i];
+                    acc[r][j] = (dot as f32).mul_add(f16(sc[j]) * a.d[i], acc[r][j]);
+                    if K::MIN {
+                        macc[r][j] = f16(sc[LANES + j]).mul_add(a.t[i], macc[r][j]);
                     }
                 }
             }
-            std::array::from_fn(|r| finish(acc[r][0], acc[r][1], macc[r]))
-        })
+        }
+        std::array::from_fn(|r| std::array::from_fn(|j| acc[r][j] + macc[r][j]))
     }
 }
 
@@ -393,150 +358,169 @@ mod x86 {
 
     use super::*;
 
-    /// Products of 32 unsigned × 32 signed bytes, summed in 8 lanes of 4: with VNNI
-    /// one `vpdpbusd`, else `vpmaddubsw` (pairs; no saturation: |u · s| ≤ 128 · 127)
-    /// then `vpmaddwd` with ones.
+    /// Bytes `o..o + 4` of the quantised activation block `i`, in every int32 lane
+    /// (an embedded-broadcast operand of the dot product).
     #[inline(always)]
-    unsafe fn dot<const VNNI: bool>(u: __m256i, s: __m256i) -> __m256i {
-        unsafe {
-            if VNNI {
-                _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s)
-            } else {
-                _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))
-            }
-        }
+    unsafe fn quad<V>(a: &QActs, i: usize, o: usize, set1: impl Fn(i32) -> V) -> V {
+        unsafe { set1((a.q.as_ptr().add(i * BLOCK + o) as *const i32).read_unaligned()) }
     }
 
-    /// The 32 weights of the block at `p` as bytes in element order: int8 for the
-    /// signed kinds, nibbles (0..15) for Q4_1.
-    #[inline(always)]
-    unsafe fn weights<K: Kind>(p: *const u8) -> __m256i {
-        unsafe {
-            if K::BYTES == Q8::BYTES {
-                return _mm256_loadu_si256(p.add(K::QS).cast());
-            }
-            let raw = _mm_loadu_si128(p.add(K::QS).cast());
-            let low = _mm_set1_epi8(0x0F);
-            let lo = _mm_and_si128(raw, low);
-            let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low);
-            let w = _mm256_set_m128i(hi, lo);
-            if K::SIGNED {
-                _mm256_sub_epi8(w, _mm256_set1_epi8(8))
-            } else {
-                w
-            }
-        }
-    }
+    /// AVX-512 VNNI: all sixteen lanes of a group in one register.
+    pub(super) struct Vnni;
 
-    /// A broadcast load: `_mm_cvtsi32_si128` let LLVM insert the bits into a live
-    /// register (`vpinsrw`), chaining every block's scale on the previous one.
-    #[inline(always)]
-    unsafe fn f16_at(p: *const u8) -> f32 {
-        unsafe {
-            let bits = (p as *const i16).read_unaligned();
-            _mm_cvtss_f32(_mm_cvtph_ps(_mm_set1_epi16(bits)))
-        }
-    }
-
-    /// `finish` on vector registers.
-    #[inline(always)]
-    unsafe fn finish(even: __m256, odd: __m256, macc: [f32; 2]) -> f32 {
-        unsafe {
-            let v = _mm256_add_ps(even, odd);
-            let v4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-            let v2 = _mm_add_ps(v4, _mm_movehl_ps(v4, v4));
-            let v1 = _mm_add_ss(v2, _mm_shuffle_ps(v2, v2, 1));
-            _mm_cvtss_f32(v1) + (macc[0] + macc[1])
-        }
-    }
-
-    /// Block `b` of `RW` weight rows into the accumulators of parity `P` of every
-    /// row.
-    #[inline(always)]
-    unsafe fn block<K: Kind, const R: usize, const RW: usize, const VNNI: bool, const P: usize>(
-        w: *const u8,
-        row_bytes: usize,
-        a: &QActs,
-        r0: usize,
-        b: usize,
-        acc: &mut [[[__m256; 2]; R]; RW],
-        macc: &mut [[[f32; 2]; R]; RW],
-    ) {
-        unsafe {
-            for c in 0..RW {
-                let blk = w.add(c * row_bytes + b * K::BYTES);
-                let wv = weights::<K>(blk);
-                let u = if K::SIGNED {
-                    _mm256_sign_epi8(wv, wv)
-                } else {
-                    wv
-                };
-                let dw = f16_at(blk);
-                let mw = if K::SIGNED { 0.0 } else { f16_at(blk.add(2)) };
-                for r in 0..R {
-                    let i = (r0 + r) * a.nb + b;
-                    let x = _mm256_loadu_si256(a.q.as_ptr().add(i * BLOCK).cast());
-                    let x = if K::SIGNED {
-                        _mm256_sign_epi8(x, wv)
-                    } else {
-                        x
-                    };
-                    let p = _mm256_cvtepi32_ps(dot::<VNNI>(u, x));
-                    let s = _mm256_set1_ps(dw * *a.d.get_unchecked(i));
-                    acc[c][r][P] = _mm256_fmadd_ps(p, s, acc[c][r][P]);
-                    if !K::SIGNED {
-                        macc[c][r][P] = mw.mul_add(*a.t.get_unchecked(i), macc[c][r][P]);
-                    }
-                }
-            }
-        }
-    }
-
-    #[inline(always)]
-    unsafe fn tile<K: Kind, const R: usize, const RW: usize, const VNNI: bool>(
-        w: *const u8,
-        rb: usize,
-        a: &QActs,
-        r0: usize,
-    ) -> [[f32; R]; RW] {
-        unsafe {
-            let mut acc = [[[_mm256_setzero_ps(); 2]; R]; RW];
-            let mut macc = [[[0f32; 2]; R]; RW];
-            let nb = a.nb;
-            let mut b = 0;
-            while b + 2 <= nb {
-                block::<K, R, RW, VNNI, 0>(w, rb, a, r0, b, &mut acc, &mut macc);
-                block::<K, R, RW, VNNI, 1>(w, rb, a, r0, b + 1, &mut acc, &mut macc);
-                b += 2;
-            }
-            if b < nb {
-                block::<K, R, RW, VNNI, 0>(w, rb, a, r0, b, &mut acc, &mut macc);
-            }
-            // Plain loops: a closure (`array::from_fn`) is compiled without this
-            // function's target features, so `acc` would live in memory, stored and
-            // reloaded every block.
-            let mut out = [[0f32; R]; RW];
-            for c in 0..RW {
-                for r in 0..R {
-                    out[c][r] = finish(acc[c][r][0], acc[c][r][1], macc[c][r]);
-                }
-            }
-            out
-        }
-    }
-
-    /// The AVX2 (`VNNI = false`) or AVX-512 VNNI kernels.
-    pub(super) struct X86<const VNNI: bool>;
-
-    impl<const VNNI: bool> Tile for X86<VNNI> {
+    impl Tile for Vnni {
         #[inline(always)]
-        unsafe fn tile<K: Kind, const R: usize, const RW: usize>(
-            w: *const u8,
-            rb: usize,
+        unsafe fn tile<K: Kind, const R: usize>(
+            p: &Panels,
+            g: usize,
             a: &QActs,
             r0: usize,
-        ) -> [[f32; R]; RW] {
-            unsafe { tile::<K, R, RW, VNNI>(w, rb, a, r0) }
+        ) -> [[f32; LANES]; R] {
+            unsafe {
+                let nb = a.nb;
+                let lines = p.lines.as_ptr().add(g * nb * K::LINES);
+                let sc = p.scales.as_ptr().add(g * nb * K::SCALES);
+                let low = _mm512_set1_epi8(0x0F);
+                let mut acc = [_mm512_setzero_ps(); R];
+                let mut macc = [_mm512_setzero_ps(); R];
+                for b in 0..nb {
+                    let i = |r: usize| (r0 + r) * nb + b;
+                    // Two chains of `vpdpbusd` per row; integer sums, so any split is
+                    // exact.
+                    let mut s0 = [_mm512_setzero_si512(); R];
+                    let mut s1 = [_mm512_setzero_si512(); R];
+                    if K::OFFSET != 0 {
+                        for r in 0..R {
+                            s0[r] = _mm512_set1_epi32(-K::OFFSET * *a.sum.get_unchecked(i(r)));
+                        }
+                    }
+                    for c in 0..K::LINES {
+                        let wv = _mm512_load_si512(lines.add(b * K::LINES + c).cast());
+                        if K::NIBBLES {
+                            let lo = _mm512_and_si512(wv, low);
+                            let hi = _mm512_and_si512(_mm512_srli_epi16(wv, 4), low);
+                            for r in 0..R {
+                                let xl = quad(a, i(r), 4 * c, |v| _mm512_set1_epi32(v));
+                                let xh = quad(a, i(r), 16 + 4 * c, |v| _mm512_set1_epi32(v));
+                                s0[r] = _mm512_dpbusd_epi32(s0[r], lo, xl);
+                                s1[r] = _mm512_dpbusd_epi32(s1[r], hi, xh);
+                            }
+                        } else {
+                            for r in 0..R {
+                                let x = quad(a, i(r), 4 * c, |v| _mm512_set1_epi32(v));
+                                if c % 2 == 0 {
+                                    s0[r] = _mm512_dpbusd_epi32(s0[r], wv, x);
+                                } else {
+                                    s1[r] = _mm512_dpbusd_epi32(s1[r], wv, x);
+                                }
+                            }
+                        }
+                    }
+                    let scales = sc.add(b * K::SCALES);
+                    let dw = _mm512_cvtph_ps(_mm256_loadu_si256(scales.cast()));
+                    for r in 0..R {
+                        let dot = _mm512_cvtepi32_ps(_mm512_add_epi32(s0[r], s1[r]));
+                        let s = _mm512_mul_ps(dw, _mm512_set1_ps(*a.d.get_unchecked(i(r))));
+                        acc[r] = _mm512_fmadd_ps(dot, s, acc[r]);
+                    }
+                    if K::MIN {
+                        let mw = _mm512_cvtph_ps(_mm256_loadu_si256(scales.add(LANES).cast()));
+                        for r in 0..R {
+                            let t = _mm512_set1_ps(*a.t.get_unchecked(i(r)));
+                            macc[r] = _mm512_fmadd_ps(mw, t, macc[r]);
+                        }
+                    }
+                }
+                // Plain loops: a closure (`array::from_fn`) is compiled without this
+                // function's target features.
+                let mut out = [[0f32; LANES]; R];
+                for r in 0..R {
+                    _mm512_storeu_ps(out[r].as_mut_ptr(), _mm512_add_ps(acc[r], macc[r]));
+                }
+                out
+            }
+        }
+    }
+
+    /// AVX2: the group's lanes eight at a time (each half of every line).
+    pub(super) struct Avx2;
+
+    impl Tile for Avx2 {
+        #[inline(always)]
+        unsafe fn tile<K: Kind, const R: usize>(
+            p: &Panels,
+            g: usize,
+            a: &QActs,
+            r0: usize,
+        ) -> [[f32; LANES]; R] {
+            unsafe {
+                let nb = a.nb;
+                let lines = p.lines.as_ptr().add(g * nb * K::LINES) as *const u8;
+                let sc = p.scales.as_ptr().add(g * nb * K::SCALES);
+                let low = _mm256_set1_epi8(0x0F);
+                let ones = _mm256_set1_epi16(1);
+                let mut out = [[0f32; LANES]; R];
+                for h in 0..2 {
+                    let mut acc = [_mm256_setzero_ps(); R];
+                    let mut macc = [_mm256_setzero_ps(); R];
+                    for b in 0..nb {
+                        let i = |r: usize| (r0 + r) * nb + b;
+                        let mut s = [_mm256_setzero_si256(); R];
+                        // Q8_0 takes the signs over to the activations (`vpmaddubsw`
+                        // needs unsigned × signed, and 255 · 127 · 2 would saturate),
+                        // so only the nibbles keep their offset.
+                        if K::NIBBLES && K::OFFSET != 0 {
+                            for r in 0..R {
+                                s[r] = _mm256_set1_epi32(-K::OFFSET * *a.sum.get_unchecked(i(r)));
+                            }
+                        }
+                        for c in 0..K::LINES {
+                            let wv = _mm256_load_si256(
+                                lines.add((b * K::LINES + c) * 64 + 32 * h).cast(),
+                            );
+                            let dot = |u: __m256i, x: __m256i| {
+                                _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), ones)
+                            };
+                            if K::NIBBLES {
+                                let lo = _mm256_and_si256(wv, low);
+                                let hi = _mm256_and_si256(_mm256_srli_epi16(wv, 4), low);
+                                for r in 0..R {
+                                    let xl = quad(a, i(r), 4 * c, |v| _mm256_set1_epi32(v));
+                                    let xh = quad(a, i(r), 16 + 4 * c, |v| _mm256_set1_epi32(v));
+                                    let d = _mm256_add_epi32(dot(lo, xl), dot(hi, xh));
+                                    s[r] = _mm256_add_epi32(s[r], d);
+                                }
+                            } else {
+                                let w = _mm256_xor_si256(wv, _mm256_set1_epi8(-128));
+                                let u = _mm256_abs_epi8(w);
+                                for r in 0..R {
+                                    let x = quad(a, i(r), 4 * c, |v| _mm256_set1_epi32(v));
+                                    let d = dot(u, _mm256_sign_epi8(x, w));
+                                    s[r] = _mm256_add_epi32(s[r], d);
+                                }
+                            }
+                        }
+                        let scales = sc.add(b * K::SCALES + 8 * h);
+                        let dw = _mm256_cvtph_ps(_mm_loadu_si128(scales.cast()));
+                        for r in 0..R {
+                            let sd = _mm256_mul_ps(dw, _mm256_set1_ps(*a.d.get_unchecked(i(r))));
+                            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[r]), sd, acc[r]);
+                        }
+                        if K::MIN {
+                            let mw = _mm256_cvtph_ps(_mm_loadu_si128(scales.add(LANES).cast()));
+                            for r in 0..R {
+                                let t = _mm256_set1_ps(*a.t.get_unchecked(i(r)));
+                                macc[r] = _mm256_fmadd_ps(mw, t, macc[r]);
+                            }
+                        }
+                    }
+                    for r in 0..R {
+                        let v = _mm256_add_ps(acc[r], macc[r]);
+                        _mm256_storeu_ps(out[r].as_mut_ptr().add(8 * h), v);
+                    }
+                }
+                out
+            }
         }
     }
 }
@@ -547,28 +531,28 @@ mod x86 {
 /// As `span`, on a CPU with those features.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn span_avx2(job: &Job<'_>, ty: QType, s: Span) {
+unsafe fn span_avx2(job: &Job<'_>, s: Span<'_>) {
     unsafe {
-        match ty {
-            QType::Q8_0 => span::<x86::X86<false>, Q8>(job, s),
-            QType::Q4_0 => span::<x86::X86<false>, Q40>(job, s),
-            QType::Q4_1 => span::<x86::X86<false>, Q41>(job, s),
+        match s.p.ty {
+            QType::Q8_0 => span::<x86::Avx2, Q8>(job, s),
+            QType::Q4_0 => span::<x86::Avx2, Q40>(job, s),
+            QType::Q4_1 => span::<x86::Avx2, Q41>(job, s),
         }
     }
 }
 
-/// `span` compiled for AVX-512 VNNI (256-bit forms) on top of AVX2.
+/// `span` compiled for AVX-512 (F, BW) and VNNI on top of AVX2.
 ///
 /// # Safety
 /// As `span`, on a CPU with those features.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
-unsafe fn span_vnni(job: &Job<'_>, ty: QType, s: Span) {
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni")]
+unsafe fn span_vnni(job: &Job<'_>, s: Span<'_>) {
     unsafe {
-        match ty {
-            QType::Q8_0 => span::<x86::X86<true>, Q8>(job, s),
-            QType::Q4_0 => span::<x86::X86<true>, Q40>(job, s),
-            QType::Q4_1 => span::<x86::X86<true>, Q41>(job, s),
+        match s.p.ty {
+            QType::Q8_0 => span::<x86::Vnni, Q8>(job, s),
+            QType::Q4_0 => span::<x86::Vnni, Q40>(job, s),
+            QType::Q4_1 => span::<x86::Vnni, Q41>(job, s),
         }
     }
 }
@@ -590,7 +574,7 @@ mod tests {
             out: OutPtr(out.as_mut_ptr()),
             isa,
         };
-        job.rows(0, w.rows);
+        job.groups(0, w.groups());
         out
     }
 

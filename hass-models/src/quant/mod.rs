@@ -4,14 +4,17 @@
 //! A decode step of a small model is memory-bound: streaming SmolLM2's Q4_1 blocks
 //! reads 0.625 bytes per weight where f16 reads 2. Blocks are kept byte for byte as
 //! ggml lays them out (`block_q8_0`, `block_q4_0`, `block_q4_1`: 32 weights each), so
-//! a file's tensors load without requantisation; other types are quantised once at load
-//! with ggml's reference quantisers ([`QMatrix::quantize`]).
+//! a file's tensors load without requantisation (only their order changes: sixteen rows
+//! are interleaved for the kernels, see `panel`); other types are quantised once at
+//! load with ggml's reference quantisers ([`QMatrix::quantize`]).
 
 mod kernel;
+mod panel;
 
 use hass_core::{HassError, Result};
 
 use crate::gguf::{dequantize_raw, GgmlType};
+use panel::Panels;
 
 pub use kernel::qmatmul;
 
@@ -94,14 +97,9 @@ impl QuantMode {
     }
 }
 
-/// Consecutive rows of one type.
+/// Consecutive rows of one type, interleaved for the kernels.
 #[derive(Debug, Clone)]
-struct Segment {
-    ty: QType,
-    rows: usize,
-    /// `rows × cols / 32` ggml blocks, row-major.
-    bytes: Vec<u8>,
-}
+struct Segment(Panels);
 
 /// A `[rows, cols]` matrix (HF `[out, in]` layout: row `j` holds the weights of output
 /// `j`) of quantized blocks along `cols`. Rows may change type between segments (a
@@ -130,7 +128,7 @@ impl QMatrix {
         Ok(QMatrix {
             rows,
             cols,
-            segments: vec![Segment { ty, rows, bytes }],
+            segments: vec![Segment(Panels::pack(ty, &bytes, rows, cols / BLOCK))],
         })
     }
 
@@ -151,33 +149,37 @@ impl QMatrix {
         Self::from_blocks(ty, bytes, rows, cols)
     }
 
-    /// The rows of `parts` one after another (all with the same `cols`).
+    /// The rows of `parts` one after another (all with the same `cols`); consecutive
+    /// rows of one type share a segment.
     pub fn stack(parts: Vec<QMatrix>) -> Result<Self> {
         let cols = parts.first().map_or(BLOCK, |p| p.cols);
-        let mut out = QMatrix {
-            rows: 0,
-            cols,
-            segments: Vec::new(),
-        };
-        for p in parts {
+        // (type, rows, ggml blocks) of each run of one type.
+        let mut runs: Vec<(QType, usize, Vec<u8>)> = Vec::new();
+        for p in &parts {
             if p.cols != cols {
                 return Err(HassError::InvalidArgument(format!(
                     "stacking matrices of {} and {cols} columns",
                     p.cols
                 )));
             }
-            out.rows += p.rows;
-            for s in p.segments {
-                match out.segments.last_mut() {
-                    Some(last) if last.ty == s.ty => {
-                        last.rows += s.rows;
-                        last.bytes.extend_from_slice(&s.bytes);
+            for Segment(s) in &p.segments {
+                match runs.last_mut() {
+                    Some((ty, rows, bytes)) if *ty == s.ty => {
+                        *rows += s.rows;
+                        bytes.extend(s.to_blocks());
                     }
-                    _ => out.segments.push(s),
+                    _ => runs.push((s.ty, s.rows, s.to_blocks())),
                 }
             }
         }
-        Ok(out)
+        Ok(QMatrix {
+            rows: runs.iter().map(|r| r.1).sum(),
+            cols,
+            segments: runs
+                .into_iter()
+                .map(|(ty, rows, bytes)| Segment(Panels::pack(ty, &bytes, rows, cols / BLOCK)))
+                .collect(),
+        })
     }
 
     /// Output rows.
@@ -190,14 +192,14 @@ impl QMatrix {
         self.cols
     }
 
-    /// Bytes of blocks (what one product streams).
+    /// Bytes of blocks (what one product streams, the last group's padding included).
     pub fn bytes(&self) -> usize {
-        self.segments.iter().map(|s| s.bytes.len()).sum()
+        self.segments.iter().map(|s| s.0.bytes()).sum()
     }
 
     /// The types of the segments, first to last.
     pub fn types(&self) -> Vec<QType> {
-        self.segments.iter().map(|s| s.ty).collect()
+        self.segments.iter().map(|s| s.0.ty).collect()
     }
 
     /// Rows `ids` dequantised exactly as ggml does, row-major `[ids.len(), cols]`
@@ -208,10 +210,9 @@ impl QMatrix {
             let (seg, r) = self.locate(id).ok_or_else(|| {
                 HassError::InvalidArgument(format!("row {id} of a {}-row matrix", self.rows))
             })?;
-            let rb = self.cols / BLOCK * seg.ty.block_bytes();
             out.extend(dequantize_raw(
                 seg.ty.ggml(),
-                &seg.bytes[r * rb..(r + 1) * rb],
+                &seg.row_blocks(r),
                 self.cols,
             )?);
         }
@@ -221,18 +222,23 @@ impl QMatrix {
     /// Every row dequantised, row-major `[rows, cols]`.
     pub fn dequantize(&self) -> Vec<f32> {
         let mut out = Vec::with_capacity(self.rows * self.cols);
-        for s in &self.segments {
+        for Segment(s) in &self.segments {
             out.extend(
-                dequantize_raw(s.ty.ggml(), &s.bytes, s.rows * self.cols)
+                dequantize_raw(s.ty.ggml(), &s.to_blocks(), s.rows * self.cols)
                     .expect("segment sizes are checked at construction"),
             );
         }
         out
     }
 
+    /// Groups of sixteen interleaved rows, over every segment.
+    fn groups(&self) -> usize {
+        self.segments.iter().map(|s| s.0.groups()).sum()
+    }
+
     /// The segment holding row `j` and the row's index inside it.
-    fn locate(&self, mut j: usize) -> Option<(&Segment, usize)> {
-        for s in &self.segments {
+    fn locate(&self, mut j: usize) -> Option<(&Panels, usize)> {
+        for Segment(s) in &self.segments {
             if j < s.rows {
                 return Some((s, j));
             }
@@ -313,7 +319,7 @@ mod tests {
         ] {
             let x = ramp(4 * 64, 7);
             let q = QMatrix::quantize(ty, &x, 4, 64).unwrap();
-            assert_eq!(q.bytes(), 4 * 2 * ty.block_bytes());
+            assert_eq!(q.bytes(), 16 * 2 * ty.block_bytes(), "one padded group");
             let y = q.dequantize();
             for (a, b) in x.iter().zip(&y) {
                 assert!((a - b).abs() <= tol, "{ty}: {a} vs {b}");
