@@ -11,11 +11,12 @@ use burn::backend::autodiff::NodeId;
 use burn::backend::flex::FlexTensor;
 use burn::backend::{Autodiff, Flex};
 use burn::prelude::*;
-use burn::tensor::activation::softmax;
+use burn::tensor::activation::{silu, softmax};
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, TensorPrimitive};
 
 use crate::attention;
+use crate::host_ops;
 use crate::large_m;
 use crate::quant::{qmatmul, QMatrix};
 use crate::small_m::{self, Weights};
@@ -56,6 +57,33 @@ pub trait HassBackend: Backend {
         default_attention(q, k, v, mask, scale)
     }
 
+    /// RMS norm of each row of `x [t, d]`, times `w [d]`.
+    fn rms_norm(x: Tensor<Self, 2>, w: &Tensor<Self, 1>, eps: f64) -> Tensor<Self, 2> {
+        rms_norm_default(x, w, eps)
+    }
+
+    /// `silu(gate) · up` of `gu = [gate | up]` (`[t, 2n]`): `[t, n]`.
+    fn swiglu(gu: Tensor<Self, 2>) -> Tensor<Self, 2> {
+        swiglu_default(gu)
+    }
+
+    /// Columns `from..from + heads · hd` of `x [t, _]` as `[1, heads, t, hd]`, rotated
+    /// by rotate-half RoPE when `rope` (`cos`, `sin`: `[1, heads, t, hd]`) is given.
+    fn heads(
+        x: Tensor<Self, 2>,
+        from: usize,
+        heads: usize,
+        hd: usize,
+        rope: Option<(&Tensor<Self, 4>, &Tensor<Self, 4>)>,
+    ) -> Tensor<Self, 4> {
+        heads_default(x, from, heads, hd, rope)
+    }
+
+    /// `[1, heads, t, hd]` back to rows `[t, heads · hd]`.
+    fn merge_heads(x: Tensor<Self, 4>) -> Tensor<Self, 2> {
+        merge_heads_default(x)
+    }
+
     /// Whether [`HassBackend::project_quant`] has a kernel of its own here: `auto`
     /// weights stay quantized only where it does.
     const QUANT_KERNELS: bool = false;
@@ -74,6 +102,44 @@ pub trait HassBackend: Backend {
         );
         x.matmul(dense.transpose())
     }
+}
+
+/// The layer steps in Burn's ops: the trait's defaults, and the fallbacks of
+/// overrides.
+fn rms_norm_default<B: Backend>(x: Tensor<B, 2>, w: &Tensor<B, 1>, eps: f64) -> Tensor<B, 2> {
+    let var = (x.clone() * x.clone()).mean_dim(1);
+    x * (var + eps).sqrt().recip() * w.clone().unsqueeze::<2>()
+}
+
+fn swiglu_default<B: Backend>(gu: Tensor<B, 2>) -> Tensor<B, 2> {
+    let [t, n2] = gu.dims();
+    let gate = gu.clone().slice([0..t, 0..n2 / 2]);
+    silu(gate) * gu.slice([0..t, n2 / 2..n2])
+}
+
+fn heads_default<B: Backend>(
+    x: Tensor<B, 2>,
+    from: usize,
+    heads: usize,
+    hd: usize,
+    rope: Option<(&Tensor<B, 4>, &Tensor<B, 4>)>,
+) -> Tensor<B, 4> {
+    let t = x.dims()[0];
+    let x = x
+        .slice([0..t, from..from + heads * hd])
+        .reshape([1, t, heads, hd])
+        .swap_dims(1, 2);
+    let Some((cos, sin)) = rope else {
+        return x;
+    };
+    let x1 = x.clone().slice([0..1, 0..heads, 0..t, 0..hd / 2]);
+    let x2 = x.clone().slice([0..1, 0..heads, 0..t, hd / 2..hd]);
+    x * cos.clone() + Tensor::cat(vec![x2.neg(), x1], 3) * sin.clone()
+}
+
+fn merge_heads_default<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 2> {
+    let [_, heads, t, hd] = x.dims();
+    x.swap_dims(1, 2).reshape([t, heads * hd])
 }
 
 /// Burn's matmul, computing in the weights' dtype.
@@ -209,6 +275,68 @@ impl HassBackend for Flex {
         host_tensor(out, [1, groups, rows, hd], &device)
     }
 
+    fn rms_norm(x: Tensor<Self, 2>, w: &Tensor<Self, 1>, eps: f64) -> Tensor<Self, 2> {
+        let [t, d] = x.dims();
+        let wp: FlexTensor = w.clone().into_primitive().tensor();
+        let (DType::F32, Some(ws)) = (x.dtype(), wp.as_slice::<f32>()) else {
+            return rms_norm_default(x, w, eps);
+        };
+        on_host(x, d, |xs, out| host_ops::rms_norm(xs, ws, eps as f32, out)).reshape([t, d])
+    }
+
+    fn swiglu(gu: Tensor<Self, 2>) -> Tensor<Self, 2> {
+        if gu.dtype() != DType::F32 {
+            return swiglu_default(gu);
+        }
+        let n = gu.dims()[1] / 2;
+        on_host(gu, n, |xs, out| host_ops::swiglu(xs, n, out))
+    }
+
+    fn heads(
+        x: Tensor<Self, 2>,
+        from: usize,
+        heads: usize,
+        hd: usize,
+        rope: Option<(&Tensor<Self, 4>, &Tensor<Self, 4>)>,
+    ) -> Tensor<Self, 4> {
+        let [t, width] = x.dims();
+        let tables = rope.map(|(c, s)| (contiguous(c.clone()), contiguous(s.clone())));
+        if x.dtype() != DType::F32
+            || tables
+                .as_ref()
+                .is_some_and(|(c, s)| c.dtype() != DType::F32 || s.dtype() != DType::F32)
+        {
+            return heads_default(x, from, heads, hd, rope);
+        }
+        // The tables repeat one `[t, hd]` block per head: the first is enough.
+        let rope = tables
+            .as_ref()
+            .map(|(c, s)| (first_block(c, t * hd), first_block(s, t * hd)));
+        let device = x.device();
+        let xp = contiguous(x);
+        let xs = xp.as_slice::<f32>().expect("contiguous");
+        let mut out = vec![0f32; heads * t * hd];
+        host_ops::heads(xs, width, from, heads, hd, rope, &mut out);
+        host_tensor(out, [1, heads, t, hd], &device)
+    }
+
+    fn merge_heads(x: Tensor<Self, 4>) -> Tensor<Self, 2> {
+        let [_, heads, t, hd] = x.dims();
+        if x.dtype() != DType::F32 {
+            return merge_heads_default(x);
+        }
+        let device = x.device();
+        let xp = contiguous(x);
+        let mut out = vec![0f32; t * heads * hd];
+        host_ops::merge_heads(
+            xp.as_slice::<f32>().expect("contiguous"),
+            heads,
+            hd,
+            &mut out,
+        );
+        host_tensor(out, [t, heads * hd], &device)
+    }
+
     const QUANT_KERNELS: bool = true;
     const HOST_MEMORY: bool = true;
 
@@ -262,15 +390,29 @@ fn on_host(
 ) -> Tensor<Flex, 2> {
     let m = x.dims()[0];
     let device = x.device();
-    let xp: FlexTensor = x.into_primitive().tensor();
-    let xp = if xp.as_slice::<f32>().is_some() {
-        xp
-    } else {
-        xp.to_contiguous()
-    };
+    let xp = contiguous(x);
     let mut out = vec![0.0f32; m * n];
     product(xp.as_slice::<f32>().expect("contiguous f32"), &mut out);
     host_tensor(out, [m, n], &device)
+}
+
+/// The first `n` values of a contiguous f32 primitive.
+fn first_block(p: &FlexTensor, n: usize) -> &[f32] {
+    &p.as_slice::<f32>().expect("contiguous f32")[..n]
+}
+
+/// `x`'s primitive with its values row-major from offset 0 (a copy only for views).
+fn contiguous<const D: usize>(x: Tensor<Flex, D>) -> FlexTensor {
+    let xp: FlexTensor = x.into_primitive().tensor();
+    let dense = match xp.dtype() {
+        DType::F32 => xp.as_slice::<f32>().is_some(),
+        _ => xp.is_contiguous() && xp.layout().start_offset() == 0,
+    };
+    if dense {
+        xp
+    } else {
+        xp.to_contiguous()
+    }
 }
 
 /// A kernel's row-major f32 output as a tensor on `device`.
@@ -447,6 +589,61 @@ mod tests {
 
     fn host<const D: usize>(t: Tensor<Flex, D>) -> Vec<f32> {
         t.into_data().into_vec::<f32>().unwrap()
+    }
+
+    fn close(a: &[f32], b: &[f32], tol: f32, what: &str) {
+        assert_eq!(a.len(), b.len(), "{what}");
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            assert!(
+                (x - y).abs() <= tol * (1.0 + y.abs()),
+                "{what}[{i}]: {x} vs {y}"
+            );
+        }
+    }
+
+    /// The CPU's host-side layer steps give the Burn-op defaults' values (to f32
+    /// rounding: the sums run in another order), on rows taken from a wider tensor.
+    #[test]
+    fn host_layer_steps_match_burn_ops() {
+        let mut rng = Rng(8);
+        let dev = Default::default();
+        let (t, hd, heads) = (5, 8, 3);
+        let width = 2 * heads * hd + 7;
+        let tensor = |v: Vec<f32>, shape: [usize; 2]| {
+            Tensor::<Flex, 2>::from_data(TensorData::new(v, shape), &dev)
+        };
+        let x = tensor(rng.vec(t * width), [t, width]);
+        let w = Tensor::<Flex, 1>::from_data(TensorData::new(rng.vec(width), [width]), &dev);
+        close(
+            &host(Flex::rms_norm(x.clone(), &w, 1e-5)),
+            &host(super::rms_norm_default(x.clone(), &w, 1e-5)),
+            1e-6,
+            "rms_norm",
+        );
+        let gu = tensor(rng.vec(t * 2 * 40), [t, 80]);
+        close(
+            &host(Flex::swiglu(gu.clone())),
+            &host(super::swiglu_default(gu)),
+            1e-6,
+            "swiglu",
+        );
+        let table = |v: Vec<f32>| {
+            Tensor::<Flex, 4>::from_data(TensorData::new(v, [1, 1, t, hd]), &dev)
+                .repeat_dim(1, heads)
+        };
+        let (cos, sin) = (table(rng.vec(t * hd)), table(rng.vec(t * hd)));
+        for rope in [None, Some((&cos, &sin))] {
+            let got = Flex::heads(x.clone(), hd + 3, heads, hd, rope);
+            let want = super::heads_default(x.clone(), hd + 3, heads, hd, rope);
+            close(&host(got.clone()), &host(want), 1e-6, "heads");
+            let merged = Flex::merge_heads(got.clone());
+            close(
+                &host(merged),
+                &host(super::merge_heads_default(got)),
+                0.0,
+                "merge_heads",
+            );
+        }
     }
 
     /// The autodiff `project` (every core on the CPU, forward and backward) gives

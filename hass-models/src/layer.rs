@@ -5,7 +5,6 @@
 //! four matmuls.
 
 use burn::prelude::*;
-use burn::tensor::activation::silu;
 use hass_core::config::ModelConfig;
 use hass_core::{HassError, Result};
 
@@ -17,23 +16,6 @@ use crate::loader::Loader;
 /// `x · w` in f32, whatever dtype `w` is stored in.
 pub(crate) fn mm<B: HassBackend>(x: Tensor<B, 2>, w: &Tensor<B, 2>) -> Tensor<B, 2> {
     B::project(x, w)
-}
-
-pub(crate) fn rms_norm<B: Backend>(
-    x: Tensor<B, 2>,
-    weight: &Tensor<B, 1>,
-    eps: f64,
-) -> Tensor<B, 2> {
-    let var = (x.clone() * x.clone()).mean_dim(1);
-    x * (var + eps).sqrt().recip() * weight.clone().unsqueeze::<2>()
-}
-
-/// Rotate-half RoPE on `[1, heads, t, hd]` with `cos`/`sin` already `[1, heads, t, hd]`.
-fn rope<B: Backend>(x: Tensor<B, 4>, cos: &Tensor<B, 4>, sin: &Tensor<B, 4>) -> Tensor<B, 4> {
-    let [b, h, t, d] = x.dims();
-    let x1 = x.clone().slice([0..b, 0..h, 0..t, 0..d / 2]);
-    let x2 = x.clone().slice([0..b, 0..h, 0..t, d / 2..d]);
-    x * cos.clone() + Tensor::cat(vec![x2.neg(), x1], 3) * sin.clone()
 }
 
 /// What every layer of one forward shares: RoPE tables for the new positions and the
@@ -284,35 +266,29 @@ impl<B: HassBackend> DecoderLayer<B> {
             ctx.t,
         );
         let h = match &self.attn_norm {
-            Some(w) => rms_norm(x.clone(), w, c.rms_norm_eps),
+            Some(w) => B::rms_norm(x.clone(), w, c.rms_norm_eps),
             None => x.clone(),
         };
         let mut qkv = self.wqkv.forward(h);
         if let Some(b) = &self.bqkv {
             qkv = qkv + b.clone().unsqueeze::<2>();
         }
-        let split = |from: usize, heads: usize| {
-            qkv.clone()
-                .slice([0..t, from..from + heads * hd])
-                .reshape([1, t, heads, hd])
-                .swap_dims(1, 2)
-        };
-        let q = rope(split(0, nh), &ctx.cos_q, &ctx.sin_q);
-        let k = rope(split(nh * hd, nkv), &ctx.cos_k, &ctx.sin_k);
-        let v = split((nh + nkv) * hd, nkv);
+        let q = B::heads(qkv.clone(), 0, nh, hd, Some((&ctx.cos_q, &ctx.sin_q)));
+        let k = B::heads(
+            qkv.clone(),
+            nh * hd,
+            nkv,
+            hd,
+            Some((&ctx.cos_k, &ctx.sin_k)),
+        );
+        let v = B::heads(qkv, (nh + nkv) * hd, nkv, hd, None);
         let (k_all, v_all) = cache.append(index, k, v);
         // GQA without repeating K/V: query heads of one group become extra rows.
         let q = q.reshape([1, nkv, rep * t, hd]);
         let attn = <B as HassBackend>::attention(q, k_all, v_all, ctx.mask.as_ref(), ctx.scale)
-            .reshape([1, nh, t, hd])
-            .swap_dims(1, 2)
-            .reshape([t, nh * hd]);
-        let x = x + self.wo.forward(attn);
-        let h = rms_norm(x.clone(), &self.mlp_norm, c.rms_norm_eps);
-        let gu = self.w_gate_up.forward(h);
-        let inter = c.intermediate_size;
-        let gate = gu.clone().slice([0..t, 0..inter]);
-        let up = gu.slice([0..t, inter..2 * inter]);
-        x + self.w_down.forward(silu(gate) * up)
+            .reshape([1, nh, t, hd]);
+        let x = x + self.wo.forward(B::merge_heads(attn));
+        let h = B::rms_norm(x.clone(), &self.mlp_norm, c.rms_norm_eps);
+        x + self.w_down.forward(B::swiglu(self.w_gate_up.forward(h)))
     }
 }

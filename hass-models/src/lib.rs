@@ -9,6 +9,7 @@ pub mod draft_vocab;
 pub mod gguf;
 pub mod gguf_tokenizer;
 pub mod hf;
+mod host_ops;
 pub mod kv_cache;
 mod large_m;
 mod layer;

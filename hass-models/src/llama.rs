@@ -18,7 +18,7 @@ use crate::backend::HassBackend;
 use crate::kv_cache::KvCache;
 use std::sync::Arc;
 
-use crate::layer::{rms_norm, AttnContext, DecoderLayer};
+use crate::layer::{AttnContext, DecoderLayer};
 use crate::linear::Linear;
 use crate::loader::Loader;
 use crate::quant::{QMatrix, QType, QuantMode};
@@ -328,7 +328,7 @@ impl<B: HassBackend> Llama<B> {
             x = layer.forward(x, c, &ctx, cache, l);
         }
         cache.advance(t);
-        let features = rms_norm(x, &self.norm, c.rms_norm_eps);
+        let features = B::rms_norm(x, &self.norm, c.rms_norm_eps);
         let logits = match rows {
             LogitRows::None => None,
             LogitRows::All => Some(self.logits(features.clone())),
