@@ -95,13 +95,15 @@ pub fn run_speed<B: HassBackend>(
         })
         .collect();
 
+    // Before the bandwidth probe, whose 512 MB of buffers would be the peak.
+    let peak_rss_mb = peak_rss_bytes().map(|b| b as f64 / 1e6);
     let bw = copy_bandwidth();
     let bytes = model.weight_bytes_per_token() as f64;
     let roofline = bw / bytes;
     let decode = out.stats.decode_tokens_per_s();
     Ok(SpeedReport {
         load_s,
-        peak_rss_mb: peak_rss_bytes().map(|b| b as f64 / 1e6),
+        peak_rss_mb,
         prefill_tokens: out.stats.prompt_tokens,
         prefill_tokens_per_s: out.stats.prefill_tokens_per_s(),
         decode_tokens: out.stats.generated_tokens,

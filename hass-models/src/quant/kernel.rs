@@ -352,6 +352,9 @@ impl Tile for Portable {
     }
 }
 
+// Register arrays indexed by activation row `r`: several arrays per row, so the index
+// reads better than zipped iterators.
+#[allow(clippy::needless_range_loop)]
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
