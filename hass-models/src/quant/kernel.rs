@@ -32,6 +32,8 @@ use crate::spin_pool::{OutPtr, Pool};
 const MR: usize = 4;
 /// Activation rows per pass over the weights (their int8 blocks stay in L2).
 const MC: usize = 64;
+/// Blocks ahead of the one being multiplied whose weights are prefetched.
+const PREFETCH: usize = 16;
 /// Products below this many multiply-adds run on the calling thread alone (a part on
 /// a helper costs a few microseconds to hand out and join).
 const PAR_MIN_WORK: usize = 1 << 17;
@@ -398,6 +400,9 @@ mod x86 {
                         }
                     }
                     for c in 0..K::LINES {
+                        _mm_prefetch::<_MM_HINT_T0>(
+                            lines.wrapping_add((b + PREFETCH) * K::LINES + c).cast(),
+                        );
                         let wv = _mm512_load_si512(lines.add(b * K::LINES + c).cast());
                         if K::NIBBLES {
                             let lo = _mm512_and_si512(wv, low);
@@ -478,6 +483,13 @@ mod x86 {
                             }
                         }
                         for c in 0..K::LINES {
+                            if h == 0 {
+                                _mm_prefetch::<_MM_HINT_T0>(
+                                    lines
+                                        .wrapping_add((b + PREFETCH) * K::LINES * 64 + c * 64)
+                                        .cast(),
+                                );
+                            }
                             let wv = _mm256_load_si256(
                                 lines.add((b * K::LINES + c) * 64 + 32 * h).cast(),
                             );
