@@ -93,6 +93,10 @@ enum Command {
         /// Stop after this many epochs in this invocation (resume later).
         #[arg(long)]
         stop_after_epochs: Option<usize>,
+        /// Also checkpoint inside an epoch every this many minutes (0: at the end of
+        /// each epoch only); an interrupted run loses at most that much training.
+        #[arg(long, default_value_t = 10.0)]
+        checkpoint_minutes: f64,
     },
     /// Compare heads on held-out features (e.g. `scripts/data_10x.sh`'s held-out set):
     /// greedy multi-step accuracy, steps 1 to 5, from every masked position (a miss
@@ -223,6 +227,7 @@ fn main() -> Result<()> {
             out,
             init,
             stop_after_epochs,
+            checkpoint_minutes,
         } => {
             let loaded = load_target(model)?;
             let plan = match config {
@@ -232,10 +237,16 @@ fn main() -> Result<()> {
             let data = ShardDataset::open(&data, loaded.model.config().hidden_size)?;
             std::fs::create_dir_all(&out)?;
             std::fs::write(out.join("plan.json"), serde_json::to_string_pretty(&plan)?)?;
+            if !(checkpoint_minutes >= 0.0 && checkpoint_minutes.is_finite()) {
+                anyhow::bail!("--checkpoint-minutes must be 0 or more, got {checkpoint_minutes}");
+            }
             let run = RunOptions {
                 init,
                 progress: true,
                 stop_after_epochs,
+                stop_after_steps: None,
+                checkpoint_every: (checkpoint_minutes > 0.0)
+                    .then(|| std::time::Duration::from_secs_f64(checkpoint_minutes * 60.0)),
             };
             eprintln!(
                 "training on {} ({:?}); vocabulary losses on the {}",

@@ -242,6 +242,10 @@ struct State {
     train_seconds: f64,
     history: Vec<EvalMetrics>,
     step_losses: Vec<f64>,
+    /// Micro-batches of epoch `epochs_done` already trained: a checkpoint inside an
+    /// epoch (always right after an optimizer step).
+    #[serde(default)]
+    micro_done: usize,
 }
 
 fn stage_dir(out: &Path, stage: usize) -> PathBuf {
@@ -273,12 +277,27 @@ pub struct RunOptions {
     /// Return after this many epochs of this invocation (a time-boxed session); the
     /// next invocation resumes where it stopped.
     pub stop_after_epochs: Option<usize>,
+    /// Return after this many optimizer steps of this invocation, with a checkpoint
+    /// there (inside an epoch if need be).
+    pub stop_after_steps: Option<usize>,
+    /// Also checkpoint inside an epoch, at the first optimizer step this long after
+    /// the last checkpoint: an interrupted run loses at most this much work (epochs
+    /// over millions of tokens take hours here).
+    pub checkpoint_every: Option<std::time::Duration>,
+}
+
+/// What is left of one invocation's allowance.
+struct Budget {
+    epochs: usize,
+    steps: usize,
+    checkpoint_every: Option<std::time::Duration>,
 }
 
 /// Trains a draft head for `target` on `data` following `plan`, writing each stage to
 /// `out/stageN` (head: `config.json` + `model.safetensors`; `optimizer.mpk`;
 /// `state.json`; `log.jsonl`; `chart.svg`). An interrupted run resumes from its last
-/// checkpoint (end of an epoch) with identical results.
+/// checkpoint (the end of an epoch, or an optimizer step inside one when
+/// [`RunOptions::checkpoint_every`] is set) with identical results.
 pub fn train<AD: TrainBackend>(
     target: &Llama<AD::InnerBackend>,
     data: &ShardDataset,
@@ -303,7 +322,11 @@ pub fn train<AD: TrainBackend>(
     }
     let mut reports = Vec::new();
     let mut start_head: Option<PathBuf> = run.init.clone();
-    let mut budget = run.stop_after_epochs.unwrap_or(usize::MAX);
+    let mut budget = Budget {
+        epochs: run.stop_after_epochs.unwrap_or(usize::MAX),
+        steps: run.stop_after_steps.unwrap_or(usize::MAX),
+        checkpoint_every: run.checkpoint_every,
+    };
     for (s, cfg) in plan.stages.iter().enumerate() {
         let dir = stage_dir(out, s);
         let report = train_stage::<AD>(
@@ -371,7 +394,7 @@ fn train_stage<AD: TrainBackend>(
     start: Option<&Path>,
     draft_vocab_size: Option<usize>,
     progress: bool,
-    budget: &mut usize,
+    budget: &mut Budget,
 ) -> Result<StageReport> {
     std::fs::create_dir_all(dir).map_err(|e| HassError::io(dir, e))?;
     let device: AD::Device = target.device().clone();
@@ -383,7 +406,7 @@ fn train_stage<AD: TrainBackend>(
         })?,
         Err(_) => State::default(),
     };
-    let resuming = state.epochs_done > 0;
+    let resuming = state.epochs_done > 0 || state.micro_done > 0;
     let recorder = NamedMpkFileRecorder::<FullPrecisionSettings>::new();
     let mut model: TrainDraft<AD> = if resuming {
         // The module record restores the parameter ids the optimizer state is keyed by.
@@ -453,18 +476,20 @@ fn train_stage<AD: TrainBackend>(
     });
     let mut log = String::new();
     let started = Instant::now() - std::time::Duration::from_secs_f64(state.seconds);
-    for epoch in state.epochs_done..cfg.epochs {
-        if *budget == 0 {
+    let mut last_checkpoint = Instant::now();
+    'epochs: for epoch in state.epochs_done..cfg.epochs {
+        if budget.epochs == 0 || budget.steps == 0 {
             break;
         }
-        *budget -= 1;
+        budget.epochs -= 1;
         let mut order = split.train.clone();
         order.shuffle(&mut StdRng::seed_from_u64(
             cfg.seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
         ));
         let mut accum = GradientsAccumulator::<TrainDraft<AD>>::new();
-        let epoch_start = Instant::now();
-        for (m, chunk) in order.chunks(cfg.batch_size).enumerate() {
+        let mut epoch_start = Instant::now();
+        let skip = std::mem::take(&mut state.micro_done);
+        for (m, chunk) in order.chunks(cfg.batch_size).enumerate().skip(skip) {
             let mut rng = StdRng::seed_from_u64(
                 cfg.seed ^ ((epoch * 1_000_003 + m) as u64).wrapping_mul(0xD1B5_4A32_D192_ED03),
             );
@@ -498,6 +523,22 @@ fn train_stage<AD: TrainBackend>(
                 if let Some(bar) = &bar {
                     bar.set_position(state.step as u64);
                 }
+                budget.steps = budget.steps.saturating_sub(1);
+                let due = budget
+                    .checkpoint_every
+                    .is_some_and(|every| last_checkpoint.elapsed() >= every);
+                if !last_micro && (budget.steps == 0 || due) {
+                    state.micro_done = m + 1;
+                    state.train_seconds += epoch_start.elapsed().as_secs_f64();
+                    epoch_start = Instant::now();
+                    state.seconds = started.elapsed().as_secs_f64();
+                    checkpoint(&model, &optim, &recorder, target, &state, dir, &mut log)?;
+                    last_checkpoint = Instant::now();
+                    if budget.steps == 0 {
+                        break 'epochs;
+                    }
+                    state.micro_done = 0;
+                }
             }
         }
         state.train_seconds += epoch_start.elapsed().as_secs_f64();
@@ -515,6 +556,7 @@ fn train_stage<AD: TrainBackend>(
         state.epochs_done = epoch + 1;
         state.seconds = started.elapsed().as_secs_f64();
         checkpoint(&model, &optim, &recorder, target, &state, dir, &mut log)?;
+        last_checkpoint = Instant::now();
     }
     if let Some(bar) = bar {
         bar.finish();
