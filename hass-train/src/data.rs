@@ -4,12 +4,14 @@
 //!
 //! ```text
 //! read_sharegpt / read_jsonl  →  Vec<Conversation>
+//! (answers::answer: the target's own assistant turns, written out as JSONL)
 //! render_corpus (template + tokenizer)  →  Vec<Sample { input_ids, loss_mask }>
 //! generate_shards (target forward)  →  dir/shard_NNNNN.safetensors + datagen.json
 //! ShardDataset::open(dir, hidden)  →  get(i) → TrainSample, split(0.05)
 //! ShiftedSample::new(&sample, max_len) (+ add_uniform_noise)  →  Batch::collate
 //! ```
 
+pub mod answers;
 pub mod corpus;
 pub mod datagen;
 pub mod pipeline;

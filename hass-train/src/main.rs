@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! hass-train datagen --corpus sharegpt --limit 200 --out data/smollm2-200
+//! hass-train answers --corpus sharegpt --limit 200 --out data/smollm2-200-own.jsonl
 //! hass-train train --data data/smollm2-200 --config configs/hass-smollm2.json --out heads/hass-smollm2
 //! ```
 
@@ -14,9 +15,10 @@ use hass_models::{
     default_device, load_model, DefaultBackend, DraftHead, HeadDtype, LoadedModel, SaveOptions,
     WeightDtype,
 };
+use hass_train::data::answers::{answer, append_line, jsonl_line, resume_point, AnswerOptions};
 use hass_train::data::{
-    generate_shards, read_corpus, render_corpus, shuffle_conversations, DatagenOptions,
-    FeatureDtype, RenderOptions, ShardDataset,
+    generate_shards, read_corpus, render_corpus, shuffle_conversations, Conversation,
+    DatagenOptions, FeatureDtype, RenderOptions, ShardDataset,
 };
 use hass_train::loss::LossPath;
 use hass_train::train::{multi_step_accuracy, train, RunOptions, TrainPlan};
@@ -68,6 +70,40 @@ enum Command {
         #[arg(long, default_value = "f16")]
         dtype: String,
         /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Rewrite conversations with the target's own answers: each assistant turn
+    /// replaced by the target's greedy reply to the conversation so far, written as
+    /// JSONL (`datagen --corpus FILE.jsonl` reads it). Resumable: conversations already
+    /// in --out are skipped.
+    Answers {
+        /// Target model: HF directory or .gguf [default: SmolLM2-135M-Instruct].
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// As `datagen --corpus`.
+        #[arg(long, default_value = "sharegpt")]
+        corpus: String,
+        /// Use the first N conversations after shuffling and skipping (0 = all).
+        #[arg(long, default_value_t = 0)]
+        limit: usize,
+        /// Skip the first N conversations after shuffling (as `datagen --skip`).
+        #[arg(long, default_value_t = 0)]
+        skip: usize,
+        /// Shuffle seed.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// New tokens per assistant turn at most.
+        #[arg(long, default_value_t = 256)]
+        max_new_tokens: usize,
+        /// Tokens of a rendered conversation at most (use datagen's --max-len).
+        #[arg(long, default_value_t = 1024)]
+        max_len: usize,
+        /// Weights the target answers with: auto (a GGUF's blocks as stored), f16, f32,
+        /// q8_0, q4_0, q4_1.
+        #[arg(long, default_value = "auto")]
+        dtype: WeightDtype,
+        /// Output .jsonl file.
         #[arg(long)]
         out: PathBuf,
     },
@@ -149,8 +185,90 @@ fn load_target(model: Option<PathBuf>) -> Result<LoadedModel<DefaultBackend>> {
         .with_context(|| format!("loading {}", path.display()))
 }
 
+/// `corpus` (`sharegpt` or a file) shuffled with `seed`, then `skip`ped and cut to
+/// `limit` (0 = all).
+fn conversations(corpus: &str, seed: u64, skip: usize, limit: usize) -> Result<Vec<Conversation>> {
+    let path = if corpus == "sharegpt" {
+        ensure(Asset::ShareGpt)?
+    } else {
+        PathBuf::from(corpus)
+    };
+    let (mut convs, read) = read_corpus(&path)?;
+    eprintln!(
+        "{}: {} conversations kept, {} skipped",
+        path.display(),
+        read.kept(),
+        read.skipped
+    );
+    shuffle_conversations(&mut convs, seed);
+    convs.drain(..skip.min(convs.len()));
+    if limit > 0 {
+        convs.truncate(limit);
+    }
+    Ok(convs)
+}
+
 fn main() -> Result<()> {
     match Cli::parse().command {
+        Command::Answers {
+            model,
+            corpus,
+            limit,
+            skip,
+            seed,
+            max_new_tokens,
+            max_len,
+            dtype,
+            out,
+        } => {
+            let path = match model {
+                Some(p) => p,
+                None => ensure(Asset::SmolLm2)?,
+            };
+            let loaded = load_model::<DefaultBackend>(&path, &default_device(), dtype)
+                .with_context(|| format!("loading {}", path.display()))?;
+            let convs = conversations(&corpus, seed, skip, limit)?;
+            let done = resume_point(&out)?;
+            let opts = AnswerOptions {
+                max_new_tokens,
+                max_len,
+            };
+            let bar =
+                indicatif::ProgressBar::new(convs.len() as u64)
+                    .with_style(indicatif::ProgressStyle::with_template(
+                    "{bar:30} {pos}/{len} conversations [{elapsed_precise} < {eta_precise}] {msg}",
+                )?);
+            bar.set_position(done.min(convs.len()) as u64);
+            let (start, mut tokens, mut kept) = (std::time::Instant::now(), 0usize, 0usize);
+            for conv in convs.iter().skip(done) {
+                let a = answer(
+                    &loaded.model,
+                    &loaded.tokenizer,
+                    &loaded.chat_template,
+                    conv,
+                    &opts,
+                )?;
+                tokens += a.new_tokens;
+                // A conversation whose first turn does not fit keeps its line (empty
+                // messages would not parse back; an empty object marks the place).
+                let line = a.conversation.as_ref().map_or("{}".to_string(), jsonl_line);
+                kept += a.conversation.is_some() as usize;
+                append_line(&out, &line)?;
+                bar.inc(1);
+                bar.set_message(format!(
+                    "{:.1} new tokens/s",
+                    tokens as f64 / start.elapsed().as_secs_f64()
+                ));
+            }
+            bar.finish();
+            eprintln!(
+                "answered {kept} of {} conversations this run ({tokens} new tokens, {:.0} s); {} lines in {}",
+                convs.len() - done.min(convs.len()),
+                start.elapsed().as_secs_f64(),
+                convs.len(),
+                out.display()
+            );
+        }
         Command::Datagen {
             model,
             corpus,
@@ -164,23 +282,7 @@ fn main() -> Result<()> {
             out,
         } => {
             let loaded = load_target(model)?;
-            let corpus_path = if corpus == "sharegpt" {
-                ensure(Asset::ShareGpt)?
-            } else {
-                PathBuf::from(&corpus)
-            };
-            let (mut convs, read) = read_corpus(&corpus_path)?;
-            eprintln!(
-                "{}: {} conversations kept, {} skipped",
-                corpus_path.display(),
-                read.kept(),
-                read.skipped
-            );
-            shuffle_conversations(&mut convs, seed);
-            convs.drain(..skip.min(convs.len()));
-            if limit > 0 {
-                convs.truncate(limit);
-            }
+            let convs = conversations(&corpus, seed, skip, limit)?;
             let opts = RenderOptions {
                 max_len,
                 system_prompt: system,

@@ -765,3 +765,95 @@ fn real_sharegpt_and_smollm2_datagen_speed() {
     let ds = ShardDataset::open(dir.path(), m.model.config().hidden_size).unwrap();
     assert_eq!(ds.len(), r.samples);
 }
+
+/// The target's own answers: user turns kept, each assistant turn the target's greedy
+/// reply (the same as generating it directly), a JSONL file `read_jsonl` reads back,
+/// turns that would not fit dropped, and a rerun that resumes after a cut-off line.
+#[test]
+fn own_answers_replace_assistant_turns_and_resume() {
+    use hass_infer::{GenerationConfig, VanillaGenerator};
+    use hass_train::data::answers::{answer, append_line, jsonl_line, resume_point, AnswerOptions};
+
+    let m = load("llama3");
+    let convs = test_conversations();
+    let opts = AnswerOptions {
+        max_new_tokens: 6,
+        max_len: 4096,
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("own.jsonl");
+    for c in &convs {
+        let a = answer(&m.model, &m.tokenizer, &m.chat_template, c, &opts).unwrap();
+        let own = a.conversation.expect("fits");
+        // User (and system) turns up to the last assistant one: a trailing user turn
+        // has no answer to train on.
+        let users = |c: &Conversation| -> Vec<String> {
+            let last = c
+                .messages
+                .iter()
+                .rposition(|m| m.role == "assistant")
+                .unwrap();
+            c.messages[..last]
+                .iter()
+                .filter(|m| m.role != "assistant")
+                .map(|m| m.content.clone())
+                .collect()
+        };
+        assert_eq!(users(&own), users(c), "{}", c.id);
+        assert_eq!(own.assistant_turns(), c.assistant_turns(), "{}", c.id);
+        assert!(a.new_tokens >= own.assistant_turns(), "{}", c.id);
+        append_line(&out, &jsonl_line(&own)).unwrap();
+    }
+    // The first answer is what vanilla greedy decoding of the first prompt gives.
+    let first = &convs[0];
+    let upto = first
+        .messages
+        .iter()
+        .position(|m| m.role == "assistant")
+        .unwrap();
+    let prompt = m
+        .tokenizer
+        .encode(
+            &m.chat_template
+                .render(&first.messages[..upto], true)
+                .unwrap(),
+            false,
+        )
+        .unwrap();
+    let config = GenerationConfig {
+        max_new_tokens: 6,
+        ..Default::default()
+    };
+    let direct = VanillaGenerator::new(&m.model)
+        .generate(&prompt, &config, |_| true)
+        .unwrap();
+    let (back, report) = read_jsonl(&out).unwrap();
+    assert_eq!(back.len(), convs.len(), "{report:?}");
+    let kept = match direct.stop_reason {
+        hass_infer::StopReason::Stop => &direct.tokens[..direct.tokens.len() - 1],
+        _ => &direct.tokens[..],
+    };
+    assert_eq!(
+        back[0].messages[upto].content,
+        m.tokenizer.decode(kept, true).unwrap()
+    );
+
+    // A context too short for the first answer: nothing to keep.
+    let tight = AnswerOptions {
+        max_new_tokens: 6,
+        max_len: 8,
+    };
+    let a = answer(&m.model, &m.tokenizer, &m.chat_template, first, &tight).unwrap();
+    assert!(a.conversation.is_none() && a.new_tokens == 0);
+
+    // Resume: complete lines count, a cut-off line is removed.
+    assert_eq!(resume_point(&out).unwrap(), convs.len());
+    std::fs::write(
+        &out,
+        std::fs::read_to_string(&out).unwrap() + "{\"id\": \"half",
+    )
+    .unwrap();
+    assert_eq!(resume_point(&out).unwrap(), convs.len());
+    assert!(std::fs::read_to_string(&out).unwrap().ends_with('\n'));
+    assert_eq!(resume_point(&tmp.path().join("none.jsonl")).unwrap(), 0);
+}
