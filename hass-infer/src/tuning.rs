@@ -388,7 +388,9 @@ pub fn synthetic_tokens(n: usize, vocab: usize) -> Vec<u32> {
 }
 
 /// The verify-cost curve: median milliseconds of a target forward of `m` new tokens
-/// (logits of every row) on a cache holding `context`, for each `m` of `sizes`.
+/// (logits of every row) on a cache holding `context`, for each `m` of `sizes`. The
+/// sizes take turns, one forward each per round, so that a machine's drift (other
+/// load, clock changes) falls on every size alike and the ratios between them hold.
 pub fn verify_curve<B: HassBackend>(
     target: &Llama<B>,
     context: &[u32],
@@ -401,23 +403,35 @@ pub fn verify_curve<B: HassBackend>(
     let positions: Vec<usize> = (0..n).collect();
     target.forward(context, &positions, &mut cache, None, LogitRows::None)?;
     let vocab = target.config().vocab_size;
-    let mut curve = Vec::new();
-    for &m in sizes {
+    let mut forward = |m: usize| -> Result<Duration> {
         let tokens = synthetic_tokens(m, vocab);
         let pos: Vec<usize> = (n..n + m).collect();
-        let ms = median_ms(
-            || {
-                let o = target.forward(&tokens, &pos, &mut cache, None, LogitRows::All)?;
-                // Force the result (backends compute lazily or asynchronously).
-                let _ = o.logits.expect("requested").into_data();
-                cache.truncate(n);
-                Ok(())
-            },
-            repeats,
-        )?;
-        curve.push((m, ms));
+        let t = Instant::now();
+        let o = target.forward(&tokens, &pos, &mut cache, None, LogitRows::All)?;
+        // Force the result (backends compute lazily or asynchronously).
+        let _ = o.logits.expect("requested").into_data();
+        let took = t.elapsed();
+        cache.truncate(n);
+        Ok(took)
+    };
+    let mut times = vec![Vec::with_capacity(repeats); sizes.len()];
+    // One warm-up round, then the measured ones.
+    for round in 0..=repeats.max(1) {
+        for (&m, times) in sizes.iter().zip(&mut times) {
+            let took = forward(m)?;
+            if round > 0 {
+                times.push(took);
+            }
+        }
     }
-    Ok(curve)
+    Ok(sizes
+        .iter()
+        .zip(times)
+        .map(|(&m, mut t)| {
+            t.sort();
+            (m, t[t.len() / 2].as_secs_f64() * 1e3)
+        })
+        .collect())
 }
 
 /// Measures a [`Tuning`] for `target` with `head` on this machine (tens of seconds

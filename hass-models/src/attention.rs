@@ -11,12 +11,15 @@
 //! * the score of key `j` is `fold8(lanes) · scale`, the lanes multiply-added over the
 //!   head dimension eight at a time — it depends on the query and that key alone, so
 //!   eight keys are computed at once and their lanes folded together (`vhaddps`);
-//! * `p = exp(s − max)` with [`exp`], a fixed polynomial (so eight at a time, with
+//! * `p = exp(s − max)` with [`exp`](crate::exp::exp), a fixed polynomial (so eight at a time, with
 //!   the same bits as one at a time);
 //! * `sum` as 8 lane sums, the `o`-th visible key in lane `o % 8`, folded by [`fold8`];
 //!   the values multiply-added key by key over the visible keys in order, then scaled
 //!   by `1 / sum`.
 
+use crate::exp::exp;
+#[cfg(target_arch = "x86_64")]
+use crate::exp::exp8;
 use crate::spin_pool::{OutPtr, Pool};
 
 /// Strided `[groups, len, head_dim]` view of keys or values (head_dim contiguous).
@@ -77,9 +80,14 @@ impl Scratch {
 
 /// `q [groups, rows, hd]` (contiguous) attending over `len` keys: `out [groups, rows,
 /// hd]`. `hidden` (`[rows, len]`, when given) is true where row `r` of every group may
-/// not see key `j`; every row sees at least one key. The (group, row) pairs are split
-/// over the spin pool's threads; each pair is computed by one thread, the same way
-/// whatever the split.
+/// not see key `j`; every row sees at least one key.
+///
+/// Rows of one group are taken a tile at a time (up to [`TILE`] rows where the CPU has
+/// the registers for it): the tile's rows share every key and value load, so a
+/// group's cache is read from L2 once per tile rather than once per row (at decode,
+/// its three query heads; in a tree verify, every node's three). The tiles are split
+/// over the spin pool's threads. Each row's operations are those of
+/// [`row_portable`], whatever its tile, the tiling or the split.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn attend(
     q: &[f32],
@@ -93,24 +101,46 @@ pub(crate) fn attend(
     hidden: Option<&[bool]>,
     out: &mut [f32],
 ) {
-    let pairs = groups * rows;
-    let out = OutPtr(out.as_mut_ptr());
+    let kernel = Kernel::detect(hd);
     let pool = Pool::global();
-    let parts = if pairs * len * hd < PAR_MIN_WORK {
+    let threads = if groups * rows * len * hd < PAR_MIN_WORK {
         1
     } else {
-        pool.threads().min(pairs)
+        pool.threads()
     };
-    let per = pairs.div_ceil(parts);
+    // The widest tile that still leaves two tiles per thread (fewer, wider tiles
+    // would leave a thread idle: at decode, 3 groups of 3 rows on 2 threads).
+    let tile = (1..=kernel.max_tile())
+        .rev()
+        .find(|&t| groups * rows.div_ceil(t) >= 2 * threads)
+        .unwrap_or(1);
+    let per_group = rows.div_ceil(tile);
+    let tiles = groups * per_group;
+    let parts = threads.min(tiles);
+    let per = tiles.div_ceil(parts);
+    let out = OutPtr(out.as_mut_ptr());
     let part = |p: usize| {
-        let mut scratch = Scratch::new(len);
-        for pair in p * per..((p + 1) * per).min(pairs) {
-            let (g, r) = (pair / rows, pair % rows);
-            // SAFETY: each pair's output row belongs to one part; `out` outlives the job.
-            let o = unsafe { std::slice::from_raw_parts_mut(out.get().add(pair * hd), hd) };
-            let qr = &q[pair * hd..(pair + 1) * hd];
-            let hidden = hidden.map(|m| &m[r * len..(r + 1) * len]);
-            row(Group { k, v, g, scale }, qr, hidden, len, &mut scratch, o);
+        let mut scratch: [Scratch; TILE] = std::array::from_fn(|_| Scratch::new(len));
+        for t in p * per..((p + 1) * per).min(tiles) {
+            let (g, r0) = (t / per_group, t % per_group * tile);
+            let r1 = (r0 + tile).min(rows);
+            let rows_of = |r: usize| {
+                let pair = g * rows + r;
+                TileRow {
+                    q: &q[pair * hd..(pair + 1) * hd],
+                    hidden: hidden.map(|m| &m[r * len..(r + 1) * len]),
+                    // SAFETY: each (group, row) output belongs to one tile, each tile
+                    // to one part; `out` outlives the job.
+                    out: unsafe { std::slice::from_raw_parts_mut(out.get().add(pair * hd), hd) },
+                }
+            };
+            kernel.run(
+                Group { k, v, g, scale },
+                r0..r1,
+                &rows_of,
+                len,
+                &mut scratch,
+            );
         }
     };
     match parts {
@@ -122,27 +152,86 @@ pub(crate) fn attend(
 /// Below this many multiply-adds a call stays on the calling thread.
 const PAR_MIN_WORK: usize = 1 << 16;
 
-/// One query row `qr` of `grp` over `len` keys into `o`; `hidden[j]` hides key `j`.
-///
-/// With AVX2 and FMA (x86-64) and `hd` a multiple of 32, [`row_avx2`] computes it;
-/// otherwise [`row_portable`]. Both give the same bits.
-fn row(
-    grp: Group<'_>,
-    qr: &[f32],
-    hidden: Option<&[bool]>,
-    len: usize,
-    scratch: &mut Scratch,
-    o: &mut [f32],
-) {
+/// Most rows in one tile: 3 rows × 8 keys of score lanes (or 3 rows × 64 value
+/// outputs) take 24 of AVX-512's 32 vector registers.
+const TILE: usize = 3;
+
+/// One query row of a tile: its query, the keys it may not see, its output.
+struct TileRow<'a> {
+    q: &'a [f32],
+    hidden: Option<&'a [bool]>,
+    out: &'a mut [f32],
+}
+
+/// The row kernels this CPU runs for a head dimension.
+#[derive(Clone, Copy)]
+enum Kernel {
+    Portable,
+    /// AVX2 and FMA, one row at a time (16 vector registers).
     #[cfg(target_arch = "x86_64")]
-    if qr.len().is_multiple_of(32)
-        && is_x86_feature_detected!("avx2")
-        && is_x86_feature_detected!("fma")
-    {
-        // SAFETY: the CPU has AVX2 and FMA, checked just above.
-        return unsafe { row_avx2(grp, qr, hidden, len, scratch, o) };
+    Avx2,
+    /// The same instructions with AVX-512VL's 32 registers: tiles of up to [`TILE`].
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+}
+
+impl Kernel {
+    fn detect(hd: usize) -> Kernel {
+        let simd = hd.is_multiple_of(32);
+        #[cfg(target_arch = "x86_64")]
+        if simd && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl") {
+                return Kernel::Avx512;
+            }
+            return Kernel::Avx2;
+        }
+        let _ = simd;
+        Kernel::Portable
     }
-    row_portable(grp, qr, hidden, len, o)
+
+    fn max_tile(self) -> usize {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512 => TILE,
+            _ => 1,
+        }
+    }
+
+    /// Rows `rows` (at most [`Self::max_tile`]) of group `grp`; `row(r)` gives row `r`.
+    fn run<'a>(
+        self,
+        grp: Group<'_>,
+        rows: std::ops::Range<usize>,
+        row: &dyn Fn(usize) -> TileRow<'a>,
+        len: usize,
+        scratch: &mut [Scratch; TILE],
+    ) {
+        match self {
+            Kernel::Portable => rows.for_each(|r| {
+                let TileRow { q, hidden, out } = row(r);
+                row_portable(grp, q, hidden, len, out)
+            }),
+            // SAFETY (both): `detect` found the features and `hd` a multiple of 32.
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => {
+                rows.for_each(|r| unsafe { tile_avx2(grp, [row(r)], len, &mut scratch[..1]) })
+            }
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512 => unsafe {
+                let s = rows.start;
+                match rows.len() {
+                    1 => tile_avx512(grp, [row(s)], len, &mut scratch[..1]),
+                    2 => tile_avx512(grp, [row(s), row(s + 1)], len, &mut scratch[..2]),
+                    _ => tile_avx512(
+                        grp,
+                        [row(s), row(s + 1), row(s + 2)],
+                        len,
+                        &mut scratch[..3],
+                    ),
+                }
+            },
+        }
+    }
 }
 
 /// One past the last key `hidden` lets the row see (`len` without a mask).
@@ -177,66 +266,140 @@ fn row_portable(grp: Group<'_>, qr: &[f32], hidden: Option<&[bool]>, len: usize,
     o.iter_mut().for_each(|x| *x *= inv);
 }
 
-/// [`row_portable`] with AVX2 and FMA (`hd` a multiple of 32): the scores of eight
-/// keys at once (their lanes folded together), hidden keys masked and the maximum
-/// taken in vectors, [`exp`] eight at a time, the visible keys' weights packed (so the
-/// sum and the value loop never test the mask), and the values multiply-added up to 64
-/// outputs at a time in registers.
+/// [`tile`] for one row with AVX2 and FMA.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA; `hd` is a multiple of 32.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn row_avx2(
+unsafe fn tile_avx2(grp: Group<'_>, rows: [TileRow<'_>; 1], len: usize, s: &mut [Scratch]) {
+    unsafe { tile(grp, rows, len, s) }
+}
+
+/// [`tile`] with AVX-512VL's 32 registers (the same AVX2 instructions).
+///
+/// # Safety
+/// The CPU has AVX2, FMA, AVX-512F and VL; `hd` is a multiple of 32.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,avx512f,avx512vl")]
+unsafe fn tile_avx512<const R: usize>(
     grp: Group<'_>,
-    qr: &[f32],
-    hidden: Option<&[bool]>,
+    rows: [TileRow<'_>; R],
     len: usize,
-    scratch: &mut Scratch,
-    o: &mut [f32],
+    s: &mut [Scratch],
+) {
+    unsafe { tile(grp, rows, len, s) }
+}
+
+/// [`row_portable`] for `R` rows of one group (`hd` a multiple of 32): the scores of
+/// eight keys at once (their lanes folded together), each key's load shared by the
+/// rows; keys a row may not see masked and the maxima taken in vectors; [`exp`] eight
+/// at a time and each row's visible weights packed (so the sum and the value loop never
+/// test the mask); then the values multiply-added 64 outputs at a time in registers,
+/// each value load shared by the rows over the keys they all see, the rest row by row.
+///
+/// # Safety
+/// Inlined into functions compiled with AVX2 and FMA (at least); `s` holds `R`
+/// scratches for `len` keys.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn tile<const R: usize>(
+    grp: Group<'_>,
+    mut rows: [TileRow<'_>; R],
+    len: usize,
+    s: &mut [Scratch],
 ) {
     use std::arch::x86_64::*;
-    let hd = qr.len();
-    let end = visible_end(hidden, len);
-    let Scratch { scores, p, keys } = scratch;
+    let hd = rows[0].q.len();
+    let mut ends = [0usize; R];
+    for r in 0..R {
+        ends[r] = visible_end(rows[r].hidden, len);
+    }
+    let end = ends.iter().copied().max().unwrap_or(0);
     let neg_inf = _mm256_set1_ps(f32::NEG_INFINITY);
-    // Scores, eight keys at a time; a last partial eight repeats key `end - 1`, which
-    // is visible, so the maximum is unchanged.
-    let mut vmax = neg_inf;
+    let mut vmax = [neg_inf; R];
+    // Scores, eight keys at a time; a last partial eight repeats key `end - 1`.
     for j0 in (0..end).step_by(8) {
-        let mut rows = [qr.as_ptr(); 8];
-        for (i, k) in rows.iter_mut().enumerate() {
+        let mut keys = [std::ptr::null::<f32>(); 8];
+        for (i, k) in keys.iter_mut().enumerate() {
             *k = grp.key((j0 + i).min(end - 1), hd).as_ptr();
         }
-        let mut acc = [_mm256_setzero_ps(); 8];
+        let mut acc = [[_mm256_setzero_ps(); 8]; R];
         for c in (0..hd).step_by(8) {
-            // SAFETY: c + 8 <= hd = qr.len() = every key row's length.
+            // SAFETY: c + 8 <= hd = every query's and key row's length.
             unsafe {
-                let x = _mm256_loadu_ps(qr.as_ptr().add(c));
-                for (a, k) in acc.iter_mut().zip(rows) {
-                    *a = _mm256_fmadd_ps(x, _mm256_loadu_ps(k.add(c)), *a);
+                let mut x = [_mm256_setzero_ps(); R];
+                for r in 0..R {
+                    x[r] = _mm256_loadu_ps(rows[r].q.as_ptr().add(c));
+                }
+                for (i, k) in keys.iter().enumerate() {
+                    let kv = _mm256_loadu_ps(k.add(c));
+                    for r in 0..R {
+                        acc[r][i] = _mm256_fmadd_ps(x[r], kv, acc[r][i]);
+                    }
                 }
             }
         }
-        let mut s = _mm256_mul_ps(fold8x8(acc), _mm256_set1_ps(grp.scale));
-        if let Some(m) = hidden {
-            let mut bytes = [0u8; 8];
-            let n = 8.min(end - j0);
-            for (b, &h) in bytes.iter_mut().zip(&m[j0..j0 + n]) {
-                *b = h as u8;
+        for r in 0..R {
+            let mut sc = _mm256_mul_ps(fold8x8(acc[r]), _mm256_set1_ps(grp.scale));
+            // Keys at or past the row's end, or hidden from it, score -inf: the
+            // maximum is that of the visible keys.
+            if rows[r].hidden.is_some() || j0 + 8 > ends[r] {
+                let mut bytes = [0u8; 8];
+                for (i, b) in bytes.iter_mut().enumerate() {
+                    let j = j0 + i;
+                    *b = (j >= ends[r] || rows[r].hidden.is_some_and(|m| m[j])) as u8;
+                }
+                let hid = _mm256_cvtepu8_epi32(_mm_set1_epi64x(i64::from_le_bytes(bytes)));
+                let hid = _mm256_castsi256_ps(_mm256_cmpgt_epi32(hid, _mm256_setzero_si256()));
+                sc = _mm256_blendv_ps(sc, neg_inf, hid);
             }
-            let hid = _mm256_cvtepu8_epi32(_mm_set1_epi64x(i64::from_le_bytes(bytes)));
-            let hid = _mm256_castsi256_ps(_mm256_cmpgt_epi32(hid, _mm256_setzero_si256()));
-            s = _mm256_blendv_ps(s, neg_inf, hid);
+            vmax[r] = _mm256_max_ps(vmax[r], sc);
+            // SAFETY: `scores` holds `len` rounded up to 8.
+            unsafe { _mm256_storeu_ps(s[r].scores.as_mut_ptr().add(j0), sc) };
         }
-        vmax = _mm256_max_ps(vmax, s);
-        // SAFETY: `scores` holds `len` rounded up to 8.
-        unsafe { _mm256_storeu_ps(scores.as_mut_ptr().add(j0), s) };
     }
-    let max = {
-        let mut m = [0f32; 8];
-        // SAFETY: `m` holds 8 floats.
-        unsafe { _mm256_storeu_ps(m.as_mut_ptr(), vmax) };
-        m.into_iter().fold(f32::NEG_INFINITY, f32::max)
-    };
-    // Weights of the visible keys, packed in order, and their lane sums.
+    let mut n = [0usize; R];
+    let mut inv = [0f32; R];
+    // The keys every row sees from the first on: their weights share value loads.
+    let mut shared = end;
+    for r in 0..R {
+        let max = {
+            let mut m = [0f32; 8];
+            // SAFETY: `m` holds 8 floats.
+            unsafe { _mm256_storeu_ps(m.as_mut_ptr(), vmax[r]) };
+            m.into_iter().fold(f32::NEG_INFINITY, f32::max)
+        };
+        // SAFETY: the caller's target features.
+        (n[r], inv[r]) = unsafe { weights(&mut s[r], rows[r].hidden, ends[r], max) };
+        let lead = rows[r].hidden.map_or(ends[r], |m| {
+            m[..ends[r]].iter().position(|&h| h).unwrap_or(ends[r])
+        });
+        shared = shared.min(lead);
+    }
+    let mut c = 0;
+    while c < hd {
+        // SAFETY: c + 64 (or 32) <= hd; the caller's target features.
+        unsafe {
+            if hd - c >= 64 {
+                values::<R, 8>(grp, &mut rows, s, &n, shared, c, &inv);
+                c += 64;
+            } else {
+                values::<R, 4>(grp, &mut rows, s, &n, shared, c, &inv);
+                c += 32;
+            }
+        }
+    }
+}
+
+/// Row `s`'s softmax weights: `exp(score − max)` of its visible keys before `end`,
+/// packed in order into `s.p` (their keys into `s.keys` when `hidden` is given), and
+/// `1 / Σ` with the sum in 8 lanes by visible ordinal. Returns the count and `1 / Σ`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn weights(s: &mut Scratch, hidden: Option<&[bool]>, end: usize, max: f32) -> (usize, f32) {
+    use std::arch::x86_64::*;
+    let Scratch { scores, p, keys } = s;
     let mut n = 0;
     for j0 in (0..end).step_by(8) {
         // SAFETY: `scores` and `p` hold `len` rounded up to 8.
@@ -277,52 +440,63 @@ unsafe fn row_avx2(
     let mut l = [0f32; 8];
     // SAFETY: `l` holds 8 floats.
     unsafe { _mm256_storeu_ps(l.as_mut_ptr(), lanes) };
-    let inv = 1.0 / fold8(l);
-    let keys = hidden.map(|_| &keys[..n]);
-    let mut c = 0;
-    while c < hd {
-        // SAFETY: c + 64 (or 32) <= hd; the caller's target features.
-        unsafe {
-            if hd - c >= 64 {
-                values::<8>(grp, hd, keys, &p[..n], c, inv, &mut o[c..c + 64]);
-                c += 64;
-            } else {
-                values::<4>(grp, hd, keys, &p[..n], c, inv, &mut o[c..c + 32]);
-                c += 32;
+    (n, 1.0 / fold8(l))
+}
+
+/// Outputs `c..c + 8W` of each row: `(Σ_i p[i] · v[key i]) · inv`, the sum key by key
+/// in order in `W` registers per row. The first `shared` keys (visible to every row,
+/// so ordinal = key) go once through the value loads for all rows; each row then goes
+/// on alone over the rest of its `n` visible keys (`key i` = `keys[i]` with a mask,
+/// else `i`).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+// Register arrays indexed by row and by vector: the indices read better than zips.
+#[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+unsafe fn values<const R: usize, const W: usize>(
+    grp: Group<'_>,
+    rows: &mut [TileRow<'_>; R],
+    s: &mut [Scratch],
+    n: &[usize; R],
+    shared: usize,
+    c: usize,
+    inv: &[f32; R],
+) {
+    use std::arch::x86_64::*;
+    let hd = rows[0].q.len();
+    let mut acc = [[_mm256_setzero_ps(); W]; R];
+    for i in 0..shared {
+        let vr = grp.value(i, hd)[c..c + 8 * W].as_ptr();
+        let mut w = [_mm256_setzero_ps(); R];
+        for r in 0..R {
+            // SAFETY: i < shared <= n[r] <= p's length.
+            w[r] = _mm256_set1_ps(unsafe { *s[r].p.get_unchecked(i) });
+        }
+        for a in 0..W {
+            // SAFETY: 8 · a + 8 <= 8W values from `vr`.
+            let v = unsafe { _mm256_loadu_ps(vr.add(8 * a)) };
+            for r in 0..R {
+                acc[r][a] = _mm256_fmadd_ps(w[r], v, acc[r][a]);
             }
         }
     }
-}
-
-/// `o = (Σ_i p[i] · v[key i][c..c + 8W]) · inv`, the sum key by key in order, in `W`
-/// registers (`key i` = `keys[i]`, or `i` without a mask).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[inline]
-unsafe fn values<const W: usize>(
-    grp: Group<'_>,
-    hd: usize,
-    keys: Option<&[u32]>,
-    p: &[f32],
-    c: usize,
-    inv: f32,
-    o: &mut [f32],
-) {
-    use std::arch::x86_64::*;
-    let mut acc = [_mm256_setzero_ps(); W];
-    for (i, &w) in p.iter().enumerate() {
-        let j = keys.map_or(i, |k| k[i] as usize);
-        let vr = grp.value(j, hd)[c..c + 8 * W].as_ptr();
-        let w = _mm256_set1_ps(w);
-        for (a, acc) in acc.iter_mut().enumerate() {
-            // SAFETY: 8 · a + 8 <= 8W values from `vr`.
-            *acc = _mm256_fmadd_ps(w, unsafe { _mm256_loadu_ps(vr.add(8 * a)) }, *acc);
+    for r in 0..R {
+        let mut acc = acc[r];
+        let masked = rows[r].hidden.is_some();
+        for i in shared..n[r] {
+            let j = if masked { s[r].keys[i] as usize } else { i };
+            let vr = grp.value(j, hd)[c..c + 8 * W].as_ptr();
+            let w = _mm256_set1_ps(s[r].p[i]);
+            for (a, acc) in acc.iter_mut().enumerate() {
+                // SAFETY: 8 · a + 8 <= 8W values from `vr`.
+                *acc = _mm256_fmadd_ps(w, unsafe { _mm256_loadu_ps(vr.add(8 * a)) }, *acc);
+            }
         }
-    }
-    let inv = _mm256_set1_ps(inv);
-    for (a, acc) in acc.iter().enumerate() {
-        // SAFETY: `o` holds 8W values.
-        unsafe { _mm256_storeu_ps(o.as_mut_ptr().add(8 * a), _mm256_mul_ps(*acc, inv)) };
+        let inv = _mm256_set1_ps(inv[r]);
+        let o = rows[r].out[c..c + 8 * W].as_mut_ptr();
+        for (a, acc) in acc.iter().enumerate() {
+            // SAFETY: `o` holds 8W values of the row's output.
+            unsafe { _mm256_storeu_ps(o.add(8 * a), _mm256_mul_ps(*acc, inv)) };
+        }
     }
 }
 
@@ -368,117 +542,163 @@ fn fold8(l: [f32; 8]) -> f32 {
     ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]))
 }
 
-/// Bounds and coefficients of [`exp`]: Cody–Waite reduction by `ln 2` in two parts,
-/// then Cephes' `expf` polynomial (relative error ~1e-7 on `[-ln 2 / 2, ln 2 / 2]`).
-mod exp_coef {
-    /// Below this `x · log2(e)` would leave the normal range; softmax weights this
-    /// small (< 1e-37) add nothing next to the maximum's 1.
-    pub const MIN: f32 = -87.336_54;
-    pub const LOG2E: f32 = std::f32::consts::LOG2_E;
-    pub const LN2_HI: f32 = 0.693_359_4;
-    pub const LN2_LO: f32 = -2.121_944_4e-4;
-    /// 1.5 · 2²³: adding and subtracting it rounds to an integer, ties to even.
-    pub const ROUND: f32 = 12_582_912.0;
-    pub const P: [f32; 6] = [
-        1.987_569_1e-4,
-        1.398_199_9e-3,
-        8.333_452e-3,
-        4.166_579_6e-2,
-        0.166_666_65,
-        0.5,
-    ];
-}
-
-/// `e^x` for `x ≤ 0` as a fixed sequence of f32 operations, so that [`exp8`] gives the
-/// same bits (libm's `expf` differs between platforms and has no vector form here).
-#[inline(always)]
-fn exp(x: f32) -> f32 {
-    use exp_coef::*;
-    let x = x.max(MIN);
-    let n = (x * LOG2E + ROUND) - ROUND;
-    let r = n.mul_add(-LN2_LO, n.mul_add(-LN2_HI, x));
-    let mut y = P[0];
-    for c in &P[1..] {
-        y = y.mul_add(r, *c);
-    }
-    let y = y.mul_add(r * r, r) + 1.0;
-    y * f32::from_bits(((n as i32 + 127) as u32) << 23)
-}
-
-/// [`exp`] of eight values.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-fn exp8(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
-    use exp_coef::*;
-    use std::arch::x86_64::*;
-    // SAFETY: only called from functions compiled with AVX2 and FMA.
-    unsafe {
-        let x = _mm256_max_ps(x, _mm256_set1_ps(MIN));
-        let round = _mm256_set1_ps(ROUND);
-        let n = _mm256_sub_ps(
-            _mm256_add_ps(_mm256_mul_ps(x, _mm256_set1_ps(LOG2E)), round),
-            round,
-        );
-        let r = _mm256_fmadd_ps(n, _mm256_set1_ps(-LN2_HI), x);
-        let r = _mm256_fmadd_ps(n, _mm256_set1_ps(-LN2_LO), r);
-        let mut y = _mm256_set1_ps(P[0]);
-        for c in &P[1..] {
-            y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(*c));
-        }
-        let y = _mm256_add_ps(
-            _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), r),
-            _mm256_set1_ps(1.0),
-        );
-        let e = _mm256_slli_epi32::<23>(_mm256_add_epi32(
-            _mm256_cvtps_epi32(n),
-            _mm256_set1_epi32(127),
-        ));
-        _mm256_mul_ps(y, _mm256_castsi256_ps(e))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::test_rng::Rng;
 
-    /// The AVX2 row gives the portable row's bits, with and without hidden keys, for
-    /// lengths that leave 0..7 keys after the groups of eight.
-    #[test]
-    fn avx2_rows_equal_portable_rows_bitwise() {
+    /// The kernels this CPU runs, the portable one first.
+    fn kernels(hd: usize) -> Vec<Kernel> {
+        #[allow(unused_mut)]
+        let mut ks = vec![Kernel::Portable];
         #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            let mut rng = Rng(9);
-            for (hd, len) in [(64, 1), (64, 7), (32, 130), (128, 33), (96, 517)] {
-                let (kd, vd) = (rng.vec(2 * len * hd), rng.vec(2 * len * hd));
-                // Large queries: peaked softmax weights, some below exp's range.
-                let q: Vec<f32> = rng.vec(hd).iter().map(|x| x * 8.0).collect();
-                let view = |data| Kv {
-                    data,
-                    offset: 0,
-                    group_stride: len * hd,
-                    row_stride: hd,
-                };
-                let grp = Group {
-                    k: view(&kd),
-                    v: view(&vd),
-                    g: 1,
-                    scale: 0.125,
-                };
-                let masks: [Option<Vec<bool>>; 3] = [
-                    None,
-                    Some((0..len).map(|j| j % 3 == 1).collect()),
-                    Some((0..len).map(|j| j > len / 2).collect()),
-                ];
-                let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-                let mut scratch = Scratch::new(len);
-                for mask in &masks {
-                    let m = mask.as_deref();
-                    let (mut want, mut got) = (vec![0f32; hd], vec![0f32; hd]);
-                    row_portable(grp, &q, m, len, &mut want);
-                    // SAFETY: AVX2 and FMA checked above.
-                    unsafe { row_avx2(grp, &q, m, len, &mut scratch, &mut got) };
-                    assert_eq!(bits(&got), bits(&want), "hd {hd}, len {len}, mask {mask:?}");
+        match Kernel::detect(hd) {
+            Kernel::Avx512 => ks.extend([Kernel::Avx2, Kernel::Avx512]),
+            Kernel::Avx2 => ks.push(Kernel::Avx2),
+            Kernel::Portable => {}
+        }
+        ks
+    }
+
+    fn bits(x: &[f32]) -> Vec<u32> {
+        x.iter().map(|v| v.to_bits()).collect()
+    }
+
+    /// Masks over `len` keys: none, scattered, a hidden tail, and a tree's (the
+    /// prefix visible, its last keys hidden by row).
+    fn masks(len: usize, r: usize) -> Vec<Option<Vec<bool>>> {
+        vec![
+            None,
+            Some((0..len).map(|j| j % 3 == 1).collect()),
+            Some((0..len).map(|j| j > len / 2).collect()),
+            Some(
+                (0..len)
+                    .map(|j| j + 6 > len && (j + r) % 2 == 0 && j > 0)
+                    .collect(),
+            ),
+        ]
+    }
+
+    /// Every kernel's tiles of 1..=its widest rows give each row the portable row's
+    /// bits, with the rows' masks and ends differing inside a tile, for lengths that
+    /// leave 0..7 keys after the groups of eight.
+    #[test]
+    fn tiles_equal_portable_rows_bitwise() {
+        let mut rng = Rng(9);
+        for (hd, len) in [(64, 1), (64, 7), (32, 130), (128, 33), (96, 517)] {
+            let (kd, vd) = (rng.vec(2 * len * hd), rng.vec(2 * len * hd));
+            let view = |data| Kv {
+                data,
+                offset: 0,
+                group_stride: len * hd,
+                row_stride: hd,
+            };
+            let grp = Group {
+                k: view(&kd),
+                v: view(&vd),
+                g: 1,
+                scale: 0.125,
+            };
+            // Large queries: peaked softmax weights, some below exp's range.
+            let qs: Vec<Vec<f32>> = (0..TILE)
+                .map(|_| rng.vec(hd).iter().map(|x| x * 8.0).collect())
+                .collect();
+            for kernel in kernels(hd) {
+                for rows in 1..=kernel.max_tile() {
+                    for pick in 0..16usize {
+                        let ms: Vec<Option<Vec<bool>>> = (0..rows)
+                            .map(|r| masks(len, r)[(pick >> r) % 4].clone())
+                            .collect();
+                        let want: Vec<Vec<u32>> = (0..rows)
+                            .map(|r| {
+                                let mut o = vec![0f32; hd];
+                                row_portable(grp, &qs[r], ms[r].as_deref(), len, &mut o);
+                                bits(&o)
+                            })
+                            .collect();
+                        let mut out = vec![f32::NAN; rows * hd];
+                        let outs = std::cell::RefCell::new(
+                            out.chunks_mut(hd).map(Some).collect::<Vec<_>>(),
+                        );
+                        let row_of = |r: usize| TileRow {
+                            q: &qs[r],
+                            hidden: ms[r].as_deref(),
+                            out: outs.borrow_mut()[r].take().expect("each row once"),
+                        };
+                        let mut scratch = std::array::from_fn(|_| Scratch::new(len));
+                        kernel.run(grp, 0..rows, &row_of, len, &mut scratch);
+                        drop(outs);
+                        for r in 0..rows {
+                            assert_eq!(
+                                bits(&out[r * hd..(r + 1) * hd]),
+                                want[r],
+                                "hd {hd}, len {len}, rows {rows}, row {r}, masks {pick}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// `attend` over every (group, row) — tiles and threads as it picks them — gives
+    /// the portable rows' bits.
+    #[test]
+    fn attend_equals_portable_rows_bitwise() {
+        let mut rng = Rng(11);
+        let (hd, len, groups) = (64, 600, 3);
+        let (kd, vd) = (rng.vec(groups * len * hd), rng.vec(groups * len * hd));
+        let view = |data| Kv {
+            data,
+            offset: 0,
+            group_stride: len * hd,
+            row_stride: hd,
+        };
+        for rows in [1, 2, 3, 4, 7, 12, 27] {
+            let q = rng.vec(groups * rows * hd);
+            // A tree over the last `rows` keys: row r sees the prefix and every
+            // second of the tree's keys up to its own.
+            let tree = len - rows;
+            let hidden: Vec<bool> = (0..rows)
+                .flat_map(|r| {
+                    (0..len).map(move |j| {
+                        j >= tree && (j > tree + r || (j - tree) % 2 == 1 && j != tree + r)
+                    })
+                })
+                .collect();
+            for mask in [None, Some(&hidden[..])] {
+                let mut out = vec![f32::NAN; groups * rows * hd];
+                attend(
+                    &q,
+                    view(&kd),
+                    view(&vd),
+                    groups,
+                    rows,
+                    hd,
+                    len,
+                    0.125,
+                    mask,
+                    &mut out,
+                );
+                for g in 0..groups {
+                    let grp = Group {
+                        k: view(&kd),
+                        v: view(&vd),
+                        g,
+                        scale: 0.125,
+                    };
+                    for r in 0..rows {
+                        let pair = g * rows + r;
+                        let mut want = vec![0f32; hd];
+                        let m = mask.map(|m| &m[r * len..(r + 1) * len]);
+                        row_portable(grp, &q[pair * hd..(pair + 1) * hd], m, len, &mut want);
+                        assert_eq!(
+                            bits(&out[pair * hd..(pair + 1) * hd]),
+                            bits(&want),
+                            "rows {rows}, group {g}, row {r}, masked {}",
+                            mask.is_some()
+                        );
+                    }
                 }
             }
         }
@@ -509,56 +729,13 @@ mod tests {
         };
         let run = |k, v, n, m| {
             let mut o = vec![0f32; hd];
-            let grp = Group {
-                k: view(k),
-                v: view(v),
-                g: 0,
-                scale: 0.125,
-            };
-            row(grp, &q, m, n, &mut Scratch::new(n), &mut o);
-            o.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+            attend(&q, view(k), view(v), 1, 1, hd, n, 0.125, m, &mut o);
+            bits(&o)
         };
         let n = kk.len() / hd;
         assert_eq!(
             run(&kd, &vd, len, Some(&hidden[..])),
             run(&kk, &vk, n, None)
         );
-    }
-
-    /// `exp` against f64 over softmax's range: within 3e-7 relative (~2.5 ulp), 1 at
-    /// 0, clamped below `MIN`, and the vector form gives the same bits.
-    #[test]
-    fn exp_is_accurate_and_vectorises_bitwise() {
-        let xs: Vec<f32> = (0..20_000).map(|i| -(i as f32) * 0.0044).collect();
-        assert_eq!(exp(0.0), 1.0);
-        for &x in &xs {
-            let (want, got) = ((x as f64).exp(), exp(x) as f64);
-            if x >= exp_coef::MIN {
-                assert!(
-                    (got - want).abs() <= 3e-7 * want,
-                    "exp({x}) = {got}, want {want}"
-                );
-            } else {
-                assert!(got <= 1.2e-38, "exp({x}) = {got}: clamped to exp(MIN)");
-            }
-        }
-        #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            #[target_feature(enable = "avx2,fma")]
-            unsafe fn eight(x: &[f32]) -> [f32; 8] {
-                use std::arch::x86_64::*;
-                let mut out = [0f32; 8];
-                // SAFETY: x holds 8 floats; the caller checked AVX2 and FMA.
-                unsafe { _mm256_storeu_ps(out.as_mut_ptr(), exp8(_mm256_loadu_ps(x.as_ptr()))) };
-                out
-            }
-            for ch in xs.chunks_exact(8) {
-                // SAFETY: checked above.
-                let v = unsafe { eight(ch) };
-                for (x, y) in ch.iter().zip(v) {
-                    assert_eq!(exp(*x).to_bits(), y.to_bits(), "exp8({x})");
-                }
-            }
-        }
     }
 }

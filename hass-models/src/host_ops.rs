@@ -8,6 +8,10 @@
 //! Every output row depends on its own input row only, so results stay batch
 //! invariant.
 
+use crate::exp::exp;
+#[cfg(target_arch = "x86_64")]
+use crate::exp::exp8;
+
 /// `x / sqrt(mean(x²) + eps) · w` for each row of `x` (`d` values per row): the sum of
 /// squares as 8 lane sums folded pairwise, then `(x · r) · w`.
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
@@ -32,14 +36,60 @@ pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     }
 }
 
-/// `silu(gate) · up` for rows `[gate | up]` of `gu` (`2n` values per row).
+/// `silu(gate) · up` for rows `[gate | up]` of `gu` (`2n` values per row), with
+/// `silu(g) = g · σ(g)` and `σ` from `z = exp(−|g|)` (never overflows): `1 / (1 + z)`
+/// for `g ≥ 0`, `z / (1 + z)` below. Eight at a time with AVX2 and FMA, the same bits
+/// as [`silu_mul`] (libm's `expf` has no vector form and took most of this step).
 pub fn swiglu(gu: &[f32], n: usize, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    let simd = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
     for (row, or) in gu.chunks_exact(2 * n).zip(out.chunks_exact_mut(n)) {
         let (gate, up) = row.split_at(n);
-        for ((o, &g), &u) in or.iter_mut().zip(gate).zip(up) {
-            *o = g / (1.0 + (-g).exp()) * u;
+        let mut done = 0;
+        #[cfg(target_arch = "x86_64")]
+        if simd {
+            // SAFETY: AVX2 and FMA checked above.
+            done = unsafe { swiglu_avx2(gate, up, or) };
+        }
+        for ((o, &g), &u) in or[done..].iter_mut().zip(&gate[done..]).zip(&up[done..]) {
+            *o = silu_mul(g, u);
         }
     }
+}
+
+/// `silu(g) · u` (see [`swiglu`]).
+#[inline(always)]
+fn silu_mul(g: f32, u: f32) -> f32 {
+    let z = exp(-g.abs());
+    let s = if g >= 0.0 { 1.0 } else { z } / (1.0 + z);
+    g * s * u
+}
+
+/// [`silu_mul`] over the first multiple of eight; returns how many it wrote.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn swiglu_avx2(gate: &[f32], up: &[f32], out: &mut [f32]) -> usize {
+    use std::arch::x86_64::*;
+    let n = out.len() / 8 * 8;
+    let (sign, one) = (_mm256_set1_ps(-0.0), _mm256_set1_ps(1.0));
+    for i in (0..n).step_by(8) {
+        // SAFETY: i + 8 <= n <= every slice's length.
+        unsafe {
+            let g = _mm256_loadu_ps(gate.as_ptr().add(i));
+            let u = _mm256_loadu_ps(up.as_ptr().add(i));
+            let z = exp8(_mm256_or_ps(g, sign));
+            let pos = _mm256_cmp_ps::<_CMP_GE_OQ>(g, _mm256_setzero_ps());
+            let s = _mm256_div_ps(_mm256_blendv_ps(z, one, pos), _mm256_add_ps(one, z));
+            _mm256_storeu_ps(
+                out.as_mut_ptr().add(i),
+                _mm256_mul_ps(_mm256_mul_ps(g, s), u),
+            );
+        }
+    }
+    n
 }
 
 /// Columns `from..from + heads · hd` of `x` (rows of `width`) as `[heads, t, hd]`,
@@ -84,6 +134,36 @@ pub fn merge_heads(x: &[f32], heads: usize, hd: usize, out: &mut [f32]) {
     for h in 0..heads {
         for i in 0..t {
             out[(i * heads + h) * hd..][..hd].copy_from_slice(&x[(h * t + i) * hd..][..hd]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each SwiGLU output against f64 (within 4e-7 relative plus a 1e-30 floor: the
+    /// polynomial exp and four roundings), and the same bits in vector bodies and
+    /// scalar tails: a row of 8k + 5 values computed whole and one value at a time.
+    #[test]
+    fn swiglu_is_accurate_and_vectorises_bitwise() {
+        let n = 8 * 125 + 5;
+        let gate: Vec<f32> = (0..n).map(|i| (i as f32 - 500.0) * 0.2).collect();
+        let up: Vec<f32> = (0..n).map(|i| 1.0 + (i % 7) as f32 * 0.25).collect();
+        let gu = [gate.clone(), up.clone()].concat();
+        let mut out = vec![0f32; n];
+        swiglu(&gu, n, &mut out);
+        for i in 0..n {
+            let (g, u) = (gate[i] as f64, up[i] as f64);
+            let want = g / (1.0 + (-g).exp()) * u;
+            let got = out[i] as f64;
+            assert!(
+                (got - want).abs() <= 4e-7 * want.abs() + 1e-30,
+                "silu({g}) * {u} = {got}, want {want}"
+            );
+            let mut one = [0f32];
+            swiglu(&[gate[i], up[i]], 1, &mut one);
+            assert_eq!(one[0].to_bits(), out[i].to_bits(), "element {i}");
         }
     }
 }

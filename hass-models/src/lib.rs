@@ -6,6 +6,7 @@ mod attention;
 pub mod backend;
 pub mod draft;
 pub mod draft_vocab;
+mod exp;
 pub mod gguf;
 pub mod gguf_tokenizer;
 pub mod hf;
