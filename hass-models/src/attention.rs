@@ -39,13 +39,17 @@ impl Kv<'_> {
     }
 }
 
-/// What one query row attends over: group `g`'s keys and values, and the score scale.
+/// What one query row attends over: group `g`'s keys and values, and the score scale;
+/// `warm`, the group this thread attends next, whose keys and values are prefetched
+/// while these are multiplied (its first tile would otherwise wait on memory).
 #[derive(Clone, Copy)]
 struct Group<'a> {
     k: Kv<'a>,
     v: Kv<'a>,
     g: usize,
     scale: f32,
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    warm: Option<usize>,
 }
 
 impl Group<'_> {
@@ -57,6 +61,22 @@ impl Group<'_> {
     #[inline(always)]
     fn value(&self, j: usize, hd: usize) -> &[f32] {
         self.v.row(self.g, j, hd)
+    }
+
+    /// Prefetches key and value row `j` (`hd` values each) of the group to warm.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    fn warm(&self, j: usize, hd: usize) {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        if let Some(g) = self.warm {
+            for kv in [&self.k, &self.v] {
+                let row = kv.row(g, j, hd).as_ptr();
+                for l in (0..hd).step_by(16) {
+                    // SAFETY: a prefetch never faults; the address is in the row.
+                    unsafe { _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(l).cast()) };
+                }
+            }
+        }
     }
 }
 
@@ -124,6 +144,8 @@ pub(crate) fn attend(
         for t in p * per..((p + 1) * per).min(tiles) {
             let (g, r0) = (t / per_group, t % per_group * tile);
             let r1 = (r0 + tile).min(rows);
+            let last = t + 1 == ((p + 1) * per).min(tiles);
+            let warm = (!last && (t + 1) / per_group != g).then_some(g + 1);
             let rows_of = |r: usize| {
                 let pair = g * rows + r;
                 TileRow {
@@ -135,7 +157,13 @@ pub(crate) fn attend(
                 }
             };
             kernel.run(
-                Group { k, v, g, scale },
+                Group {
+                    k,
+                    v,
+                    g,
+                    scale,
+                    warm,
+                },
                 r0..r1,
                 &rows_of,
                 len,
@@ -311,9 +339,13 @@ unsafe fn tile<const R: usize>(
 ) {
     use std::arch::x86_64::*;
     let hd = rows[0].q.len();
-    let mut ends = [0usize; R];
+    // Each row sees keys `..lead` (all of them), then some of `lead..end`.
+    let (mut ends, mut lead) = ([0usize; R], [0usize; R]);
     for r in 0..R {
         ends[r] = visible_end(rows[r].hidden, len);
+        lead[r] = rows[r].hidden.map_or(ends[r], |m| {
+            m[..ends[r]].iter().position(|&h| h).unwrap_or(ends[r])
+        });
     }
     let end = ends.iter().copied().max().unwrap_or(0);
     let neg_inf = _mm256_set1_ps(f32::NEG_INFINITY);
@@ -323,6 +355,7 @@ unsafe fn tile<const R: usize>(
         let mut keys = [std::ptr::null::<f32>(); 8];
         for (i, k) in keys.iter_mut().enumerate() {
             *k = grp.key((j0 + i).min(end - 1), hd).as_ptr();
+            grp.warm((j0 + i).min(end - 1), hd);
         }
         let mut acc = [[_mm256_setzero_ps(); 8]; R];
         for c in (0..hd).step_by(8) {
@@ -344,7 +377,7 @@ unsafe fn tile<const R: usize>(
             let mut sc = _mm256_mul_ps(fold8x8(acc[r]), _mm256_set1_ps(grp.scale));
             // Keys at or past the row's end, or hidden from it, score -inf: the
             // maximum is that of the visible keys.
-            if rows[r].hidden.is_some() || j0 + 8 > ends[r] {
+            if j0 + 8 > lead[r] {
                 let mut bytes = [0u8; 8];
                 for (i, b) in bytes.iter_mut().enumerate() {
                     let j = j0 + i;
@@ -371,11 +404,8 @@ unsafe fn tile<const R: usize>(
             m.into_iter().fold(f32::NEG_INFINITY, f32::max)
         };
         // SAFETY: the caller's target features.
-        (n[r], inv[r]) = unsafe { weights(&mut s[r], rows[r].hidden, ends[r], max) };
-        let lead = rows[r].hidden.map_or(ends[r], |m| {
-            m[..ends[r]].iter().position(|&h| h).unwrap_or(ends[r])
-        });
-        shared = shared.min(lead);
+        (n[r], inv[r]) = unsafe { weights(&mut s[r], rows[r].hidden, lead[r], ends[r], max) };
+        shared = shared.min(lead[r]);
     }
     let mut c = 0;
     while c < hd {
@@ -394,15 +424,22 @@ unsafe fn tile<const R: usize>(
 
 /// Row `s`'s softmax weights: `exp(score − max)` of its visible keys before `end`,
 /// packed in order into `s.p` (their keys into `s.keys` when `hidden` is given), and
-/// `1 / Σ` with the sum in 8 lanes by visible ordinal. Returns the count and `1 / Σ`.
+/// `1 / Σ` with the sum in 8 lanes by visible ordinal. Keys `..lead` are all visible
+/// (their ordinal is their index: eight stored at once). Returns the count and `1 / Σ`.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn weights(s: &mut Scratch, hidden: Option<&[bool]>, end: usize, max: f32) -> (usize, f32) {
+unsafe fn weights(
+    s: &mut Scratch,
+    hidden: Option<&[bool]>,
+    lead: usize,
+    end: usize,
+    max: f32,
+) -> (usize, f32) {
     use std::arch::x86_64::*;
     let Scratch { scores, p, keys } = s;
     let mut n = 0;
     for j0 in (0..end).step_by(8) {
-        // SAFETY: `scores` and `p` hold `len` rounded up to 8.
+        // SAFETY: `scores`, `p` and `keys` hold `len` rounded up to 8.
         unsafe {
             let e = exp8(_mm256_sub_ps(
                 _mm256_loadu_ps(scores.as_ptr().add(j0)),
@@ -412,6 +449,15 @@ unsafe fn weights(s: &mut Scratch, hidden: Option<&[bool]>, end: usize, max: f32
                 None => {
                     _mm256_storeu_ps(p.as_mut_ptr().add(j0), e);
                     n = end;
+                }
+                Some(_) if j0 + 8 <= lead => {
+                    _mm256_storeu_ps(p.as_mut_ptr().add(j0), e);
+                    let idx = _mm256_add_epi32(
+                        _mm256_set1_epi32(j0 as i32),
+                        _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                    );
+                    _mm256_storeu_si256(keys.as_mut_ptr().add(j0).cast(), idx);
+                    n = j0 + 8;
                 }
                 Some(m) => {
                     let mut w = [0f32; 8];
@@ -464,18 +510,32 @@ unsafe fn values<const R: usize, const W: usize>(
     use std::arch::x86_64::*;
     let hd = rows[0].q.len();
     let mut acc = [[_mm256_setzero_ps(); W]; R];
-    for i in 0..shared {
-        let vr = grp.value(i, hd)[c..c + 8 * W].as_ptr();
-        let mut w = [_mm256_setzero_ps(); R];
+    if shared > 0 {
+        // Value rows `0..shared` lie `row_stride` apart: bounds checked once, for the
+        // last (a plain pointer walk keeps the 3 × W accumulators in registers).
+        let _ = &grp.value(shared - 1, hd)[c..c + 8 * W];
+        let v0 = grp.value(0, hd)[c..].as_ptr();
+        let stride = grp.v.row_stride;
+        let mut p = [std::ptr::null::<f32>(); R];
         for r in 0..R {
-            // SAFETY: i < shared <= n[r] <= p's length.
-            w[r] = _mm256_set1_ps(unsafe { *s[r].p.get_unchecked(i) });
+            // `shared <= n[r]` weights each.
+            p[r] = s[r].p[..shared].as_ptr();
         }
-        for a in 0..W {
-            // SAFETY: 8 · a + 8 <= 8W values from `vr`.
-            let v = unsafe { _mm256_loadu_ps(vr.add(8 * a)) };
-            for r in 0..R {
-                acc[r][a] = _mm256_fmadd_ps(w[r], v, acc[r][a]);
+        for i in 0..shared {
+            // SAFETY: row i < shared is inside the value view (checked above); every
+            // `p[r]` holds `shared` weights.
+            unsafe {
+                let vr = v0.add(i * stride);
+                let mut w = [_mm256_setzero_ps(); R];
+                for r in 0..R {
+                    w[r] = _mm256_set1_ps(*p[r].add(i));
+                }
+                for a in 0..W {
+                    let v = _mm256_loadu_ps(vr.add(8 * a));
+                    for r in 0..R {
+                        acc[r][a] = _mm256_fmadd_ps(w[r], v, acc[r][a]);
+                    }
+                }
             }
         }
     }
@@ -598,6 +658,7 @@ mod tests {
                 v: view(&vd),
                 g: 1,
                 scale: 0.125,
+                warm: Some(0),
             };
             // Large queries: peaked softmax weights, some below exp's range.
             let qs: Vec<Vec<f32>> = (0..TILE)
@@ -686,6 +747,7 @@ mod tests {
                         v: view(&vd),
                         g,
                         scale: 0.125,
+                        warm: None,
                     };
                     for r in 0..rows {
                         let pair = g * rows + r;

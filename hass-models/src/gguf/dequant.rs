@@ -46,10 +46,12 @@ const PARALLEL_MIN: usize = 1 << 18;
 pub(super) fn dequantize_parallel(ty: GgmlType, src: &[u8], dst: &mut [f32]) {
     let (block, type_size) = ty.block_layout();
     let n_blocks = dst.len() / block;
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(dst.len() / PARALLEL_MIN)
-        .max(1);
+    // Small inputs (an embedding row per token) skip `available_parallelism`, which
+    // reads the cgroup files: tens of microseconds, more than the work.
+    let threads = match dst.len() / PARALLEL_MIN {
+        0 | 1 => 1,
+        most => std::thread::available_parallelism().map_or(1, |n| n.get().min(most)),
+    };
     if threads == 1 {
         dequantize_blocks(ty, src, dst);
         return;
