@@ -270,6 +270,25 @@ fn visible_end(hidden: Option<&[bool]>, len: usize) -> usize {
     }
 }
 
+/// The index of the first `true` in `m` (`m.len()` if none), eight flags at a time: a
+/// verify row's mask is a few hidden keys after hundreds of visible ones.
+fn first_hidden(m: &[bool]) -> usize {
+    let mut chunks = m.chunks_exact(8);
+    let mut at = 0;
+    for c in &mut chunks {
+        let word = u64::from_ne_bytes(std::array::from_fn(|i| c[i] as u8));
+        if word != 0 {
+            return at + c.iter().position(|&h| h).unwrap_or(8);
+        }
+        at += 8;
+    }
+    at + chunks
+        .remainder()
+        .iter()
+        .position(|&h| h)
+        .unwrap_or(chunks.remainder().len())
+}
+
 /// The reference order of operations (see the module's documentation).
 fn row_portable(grp: Group<'_>, qr: &[f32], hidden: Option<&[bool]>, len: usize, o: &mut [f32]) {
     let hd = qr.len();
@@ -343,9 +362,9 @@ unsafe fn tile<const R: usize>(
     let (mut ends, mut lead) = ([0usize; R], [0usize; R]);
     for r in 0..R {
         ends[r] = visible_end(rows[r].hidden, len);
-        lead[r] = rows[r].hidden.map_or(ends[r], |m| {
-            m[..ends[r]].iter().position(|&h| h).unwrap_or(ends[r])
-        });
+        lead[r] = rows[r]
+            .hidden
+            .map_or(ends[r], |m| first_hidden(&m[..ends[r]]));
     }
     let end = ends.iter().copied().max().unwrap_or(0);
     let neg_inf = _mm256_set1_ps(f32::NEG_INFINITY);
@@ -767,6 +786,17 @@ mod tests {
     }
 
     /// A row among hidden keys gets the bits it gets with those keys absent.
+    #[test]
+    fn first_hidden_finds_the_first() {
+        for len in [0, 1, 7, 8, 9, 31, 517] {
+            for first in 0..=len {
+                let m: Vec<bool> = (0..len).map(|j| j >= first && j % 2 == first % 2).collect();
+                let want = m.iter().position(|&h| h).unwrap_or(len);
+                assert_eq!(first_hidden(&m), want, "len {len}, first {first}");
+            }
+        }
+    }
+
     #[test]
     fn hidden_keys_change_nothing() {
         let mut rng = Rng(10);

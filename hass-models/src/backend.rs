@@ -252,13 +252,33 @@ impl HassBackend for Flex {
         let device = q.device();
         let qp: FlexTensor = q.into_primitive().tensor().to_contiguous();
         let qs = qp.as_slice::<f32>().expect("contiguous f32");
-        let mask: Option<Vec<bool>> = mask.map(|m| {
-            m.clone()
-                .into_data()
-                .convert::<bool>()
-                .into_vec::<bool>()
-                .expect("bool mask")
+        // Flex stores flags as bytes: read in place (every layer of a forward shares
+        // the mask), once checked to be 0 or 1; copied out otherwise.
+        let mp: Option<FlexTensor> = mask.map(|m| m.clone().into_primitive());
+        let in_place = mp.as_ref().and_then(|p| {
+            use burn::tensor::BoolStore::{Native, U8};
+            if !matches!(p.dtype(), DType::Bool(Native | U8)) {
+                return None;
+            }
+            let (start, end) = p.layout().contiguous_offsets()?;
+            let bytes = p.storage::<u8>().get(start..end)?;
+            let ok = bytes.len() == rows * len && bytes.iter().all(|&b| b <= 1);
+            // SAFETY: `bool` has `u8`'s layout, and every byte is 0 or 1.
+            ok.then(|| unsafe {
+                std::slice::from_raw_parts(bytes.as_ptr().cast::<bool>(), bytes.len())
+            })
         });
+        let copied: Option<Vec<bool>> = match (mask, in_place) {
+            (Some(m), None) => Some(
+                m.clone()
+                    .into_data()
+                    .convert::<bool>()
+                    .into_vec::<bool>()
+                    .expect("bool mask"),
+            ),
+            _ => None,
+        };
+        let mask = in_place.or(copied.as_deref());
         let mut out = vec![0f32; groups * rows * hd];
         attention::attend(
             qs,
@@ -269,7 +289,7 @@ impl HassBackend for Flex {
             hd,
             len,
             scale as f32,
-            mask.as_deref(),
+            mask,
             &mut out,
         );
         host_tensor(out, [1, groups, rows, hd], &device)
