@@ -114,13 +114,14 @@ pub fn heads(
                 None => dst.copy_from_slice(src),
                 Some((cos, sin)) => {
                     let (c, s) = (&cos[i * hd..][..hd], &sin[i * hd..][..hd]);
-                    for e in 0..hd {
-                        let rot = if e < half {
-                            -src[e + half]
-                        } else {
-                            src[e - half]
-                        };
-                        dst[e] = src[e] * c[e] + rot * s[e];
+                    // The halves apart, so that each loop vectorises (RoPE's head
+                    // dimension is even).
+                    debug_assert!(hd % 2 == 0, "odd head dimension {hd}");
+                    let (lo, hi) = src.split_at(half);
+                    let (dlo, dhi) = dst.split_at_mut(half);
+                    for e in 0..half {
+                        dlo[e] = lo[e] * c[e] + -hi[e] * s[e];
+                        dhi[e] = hi[e] * c[half + e] + lo[e] * s[half + e];
                     }
                 }
             }
