@@ -116,7 +116,7 @@ pub fn heads(
                     let (c, s) = (&cos[i * hd..][..hd], &sin[i * hd..][..hd]);
                     // The halves apart, so that each loop vectorises (RoPE's head
                     // dimension is even).
-                    debug_assert!(hd % 2 == 0, "odd head dimension {hd}");
+                    debug_assert!(hd.is_multiple_of(2), "odd head dimension {hd}");
                     let (lo, hi) = src.split_at(half);
                     let (dlo, dhi) = dst.split_at_mut(half);
                     for e in 0..half {
