@@ -290,19 +290,21 @@ fn visible_end(hidden: Option<&[bool]>, len: usize) -> usize {
 /// The index of the first `true` in `m` (`m.len()` if none), eight flags at a time: a
 /// verify row's mask is a few hidden keys after hundreds of visible ones.
 fn first_hidden(m: &[bool]) -> usize {
-    let mut chunks = m.chunks_exact(8);
+    // SAFETY: a `bool` is a byte holding 0 or 1.
+    let bytes: &[u8] = unsafe { std::slice::from_raw_parts(m.as_ptr().cast(), m.len()) };
+    let mut chunks = bytes.chunks_exact(8);
     let mut at = 0;
     for c in &mut chunks {
-        let word = u64::from_ne_bytes(std::array::from_fn(|i| c[i] as u8));
+        let word = u64::from_ne_bytes(c.try_into().expect("8 bytes"));
         if word != 0 {
-            return at + c.iter().position(|&h| h).unwrap_or(8);
+            return at + c.iter().position(|&h| h != 0).unwrap_or(8);
         }
         at += 8;
     }
     at + chunks
         .remainder()
         .iter()
-        .position(|&h| h)
+        .position(|&h| h != 0)
         .unwrap_or(chunks.remainder().len())
 }
 
@@ -370,9 +372,20 @@ struct Prefetch {
 
 #[cfg(target_arch = "x86_64")]
 impl Prefetch {
+    /// Whose turn key `j` (a multiple of 8) is.
+    fn turn(self, j: usize) -> usize {
+        (j / 8) % self.parts
+    }
+
+    /// Whether the eight keys of `turn` are this tile's to fetch; moves on by eight.
     #[inline(always)]
-    fn mine(self, j: usize) -> bool {
-        self.ahead > 0 && (j / 8) % self.parts == self.part
+    fn mine(self, turn: &mut usize) -> bool {
+        let mine = self.ahead > 0 && *turn == self.part;
+        *turn += 1;
+        if *turn == self.parts {
+            *turn = 0;
+        }
+        mine
     }
 }
 
@@ -540,12 +553,18 @@ unsafe fn scores<const R: usize>(
         // SAFETY: `vmax` holds 8 floats per row.
         vmax[r] = unsafe { _mm256_loadu_ps(t.vmax[r].as_ptr()) };
     }
+    let stride = grp.k.row_stride;
+    let mut turn = pf.turn(from);
     for j0 in (from..to).step_by(8) {
+        // Rows j0..=last lie `stride` apart: bounds checked for the last only.
+        let last = (j0 + 7).min(t.end - 1);
+        let _ = grp.key(last, hd);
+        let k0 = grp.key(j0, hd).as_ptr();
         let mut keys = [std::ptr::null::<f32>(); 8];
         for (i, k) in keys.iter_mut().enumerate() {
-            *k = grp.key((j0 + i).min(t.end - 1), hd).as_ptr();
+            *k = k0.wrapping_add(((j0 + i).min(last) - j0) * stride);
         }
-        if pf.mine(j0) {
+        if pf.mine(&mut turn) {
             for u in j0 + pf.ahead..j0 + pf.ahead + 8 {
                 // Past the keys, the stream goes on into the values.
                 if u < t.end {
@@ -705,10 +724,10 @@ unsafe fn values<const R: usize, const W: usize>(
     }
     // `from` is a multiple of 8: whether a key's row ahead is this tile's to fetch
     // is decided once per eight.
-    let mut mine = false;
+    let (mut mine, mut turn) = (false, pf.turn(from));
     for i in 0..to - from {
         if i % 8 == 0 {
-            mine = pf.mine(from + i);
+            mine = pf.mine(&mut turn);
         }
         // SAFETY: row from + i < to is inside the value view (checked above); every
         // `p[r]` holds `to - from` weights.
