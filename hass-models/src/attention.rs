@@ -149,10 +149,24 @@ pub(crate) fn attend(
                 scratch.resize_with(most, Scratch::default);
             }
             scratch[..most].iter_mut().for_each(|s| s.fit(len));
+            // Batches: runs of up to BATCH tiles of one group.
+            let mut batches = Vec::new();
             let mut t = first;
             while t < end {
                 let g = t / per_group;
                 let batch_end = end.min((g + 1) * per_group).min(t + BATCH);
+                batches.push((g, t..batch_end));
+                t = batch_end;
+            }
+            // A group split between two parts is the first part's last and the next
+            // part's first; odd parts go backwards so that both reach it last, at
+            // about the same time, and read it from memory once between them (the
+            // next part would otherwise fetch it at its start while the first part
+            // found it in L3 at its end: a third more memory on one core).
+            if p % 2 == 1 {
+                batches.reverse();
+            }
+            for (g, ts) in batches {
                 let row_of = |r: usize| {
                     let pair = g * rows + r;
                     TileRow {
@@ -165,12 +179,11 @@ pub(crate) fn attend(
                         },
                     }
                 };
-                let tiles_rows = (t..batch_end).map(|t| {
+                let tiles_rows = ts.map(|t| {
                     let r0 = t % per_group * tile;
                     r0..(r0 + tile).min(rows)
                 });
                 kernel.run(Group { k, v, g, scale }, tiles_rows, &row_of, len, scratch);
-                t = batch_end;
             }
         })
     };
