@@ -39,6 +39,7 @@ const PREFETCH: usize = 16;
 const PAR_MIN_WORK: usize = 1 << 17;
 
 /// Activations quantised per row: int8 blocks, their scales and sums.
+#[derive(Default)]
 struct QActs {
     nb: usize,
     q: Vec<i8>,
@@ -52,15 +53,33 @@ struct QActs {
 /// Quantises each row of `x [m, k]` to int8 blocks of 32: `d = max|x| / 127`,
 /// `q = round_ties_even(clamp(x · (1 / d), ±127))` (NaN to 0), `Σq` and `d · Σq`.
 /// With AVX-512 sixteen values at a time ([`quantize_block_avx512`], the same bits).
+#[cfg(test)]
 fn quantize_acts(x: &[f32], m: usize, k: usize) -> QActs {
+    let mut a = QActs::default();
+    quantize_into(x, m, k, &mut a);
+    a
+}
+
+thread_local! {
+    /// The calling thread's activation buffers, reused from product to product: a
+    /// forward runs ~120 products, and fresh zeroed buffers for each cost more than
+    /// quantising into them.
+    static ACTS: std::cell::RefCell<QActs> = std::cell::RefCell::default();
+}
+
+/// [`quantize_acts`] into `a`, whose buffers grow as needed and may stay longer
+/// than `m` rows (their tail is never read).
+fn quantize_into(x: &[f32], m: usize, k: usize, a: &mut QActs) {
     let nb = k / BLOCK;
-    let mut a = QActs {
-        nb,
-        q: vec![0; m * k],
-        d: vec![0.0; m * nb],
-        sum: vec![0; m * nb],
-        t: vec![0.0; m * nb],
-    };
+    a.nb = nb;
+    if a.q.len() < m * k {
+        a.q.resize(m * k, 0);
+    }
+    if a.d.len() < m * nb {
+        a.d.resize(m * nb, 0.0);
+        a.sum.resize(m * nb, 0);
+        a.t.resize(m * nb, 0.0);
+    }
     #[cfg(target_arch = "x86_64")]
     let simd = is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw");
     for (bi, (xb, qb)) in x
@@ -85,7 +104,6 @@ fn quantize_acts(x: &[f32], m: usize, k: usize) -> QActs {
         a.sum[bi] = sum;
         a.t[bi] = d * sum as f32;
     }
-    a
 }
 
 /// One block of [`quantize_acts`]: its scale `d` and `Σq`.
@@ -152,30 +170,32 @@ pub fn qmatmul(x: &[f32], m: usize, w: &QMatrix, out: &mut [f32]) {
     if m == 0 || n == 0 {
         return;
     }
-    let acts = quantize_acts(x, m, k);
-    let job = Job {
-        w,
-        acts: &acts,
-        m,
-        out: OutPtr(out.as_mut_ptr()),
-        isa: Isa::detect(),
-    };
-    let groups = w.groups();
-    let pool = Pool::global();
-    let parts = if m * k * n < PAR_MIN_WORK {
-        1
-    } else {
-        rayon::current_num_threads()
-            .min(pool.threads())
-            .min(groups)
-            .max(1)
-    };
-    let per = groups.div_ceil(parts);
-    let part = |p: usize| job.groups(p * per, ((p + 1) * per).min(groups));
-    match parts {
-        1 => part(0),
-        _ => pool.run(parts, &part),
-    }
+    ACTS.with_borrow_mut(|acts| {
+        quantize_into(x, m, k, acts);
+        let job = Job {
+            w,
+            acts,
+            m,
+            out: OutPtr(out.as_mut_ptr()),
+            isa: Isa::detect(),
+        };
+        let groups = w.groups();
+        let pool = Pool::global();
+        let parts = if m * k * n < PAR_MIN_WORK {
+            1
+        } else {
+            rayon::current_num_threads()
+                .min(pool.threads())
+                .min(groups)
+                .max(1)
+        };
+        let per = groups.div_ceil(parts);
+        let part = |p: usize| job.groups(p * per, ((p + 1) * per).min(groups));
+        match parts {
+            1 => part(0),
+            _ => pool.run(parts, &part),
+        }
+    })
 }
 
 /// The instruction sets with a kernel.
