@@ -18,7 +18,7 @@ use burn::tensor::{DType, TensorPrimitive};
 use crate::attention;
 use crate::host_ops;
 use crate::large_m;
-use crate::quant::{qmatmul, QMatrix};
+use crate::quant::{qmatmul_uninit, QMatrix};
 use crate::small_m::{self, Weights};
 
 #[cfg(feature = "cuda")]
@@ -368,9 +368,18 @@ impl HassBackend for Flex {
             "{k} activation columns for {} weight columns",
             w.cols()
         );
-        on_host(x.cast(DType::F32), w.rows(), |xs, out| {
-            qmatmul(xs, m, w, out)
-        })
+        let device = x.device();
+        let xp = contiguous(x.cast(DType::F32));
+        let mut out = Vec::with_capacity(m * w.rows());
+        qmatmul_uninit(
+            xp.as_slice::<f32>().expect("contiguous f32"),
+            m,
+            w,
+            &mut out.spare_capacity_mut()[..m * w.rows()],
+        );
+        // SAFETY: `qmatmul_uninit` wrote all `m · rows` values.
+        unsafe { out.set_len(m * w.rows()) };
+        host_tensor(out, [m, w.rows()], &device)
     }
 }
 

@@ -26,6 +26,8 @@
 
 use super::panel::{lines_per_block, scales_per_block, Line, Panels, LANES};
 use super::{QMatrix, QType, BLOCK};
+use std::mem::MaybeUninit;
+
 use crate::spin_pool::{OutPtr, Pool};
 
 /// Activation rows per register tile.
@@ -160,6 +162,15 @@ unsafe fn quantize_block_avx512(xb: &[f32; BLOCK], qb: &mut [i8; BLOCK]) -> (f32
 /// `out[m×n] = x[m×k] · Wᵀ` with `W = w` (`n × k`), all row-major; `out` is
 /// overwritten. Panics (assert!) on slice lengths inconsistent with the shapes.
 pub fn qmatmul(x: &[f32], m: usize, w: &QMatrix, out: &mut [f32]) {
+    // SAFETY: `MaybeUninit<f32>` has `f32`'s layout, and only f32 values are written.
+    let out = unsafe { &mut *(out as *mut [f32] as *mut [MaybeUninit<f32>]) };
+    qmatmul_uninit(x, m, w, out);
+}
+
+/// [`qmatmul`] into a buffer not yet initialised (an output tensor's fresh storage,
+/// which would otherwise be zeroed only to be overwritten): every element of `out`
+/// is written.
+pub fn qmatmul_uninit(x: &[f32], m: usize, w: &QMatrix, out: &mut [MaybeUninit<f32>]) {
     let (n, k) = (w.rows, w.cols);
     assert_eq!(Some(x.len()), m.checked_mul(k), "x must hold m*k values");
     assert_eq!(
@@ -176,7 +187,7 @@ pub fn qmatmul(x: &[f32], m: usize, w: &QMatrix, out: &mut [f32]) {
             w,
             acts,
             m,
-            out: OutPtr(out.as_mut_ptr()),
+            out: OutPtr(out.as_mut_ptr().cast()),
             isa: Isa::detect(),
         };
         let groups = w.groups();
