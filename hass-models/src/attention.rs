@@ -37,7 +37,20 @@ impl Kv<'_> {
         let at = self.offset + g * self.group_stride + j * self.row_stride;
         &self.data[at..at + hd]
     }
+
+    /// Prefetches row `j` (`hd` values) of group `g` into L2.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    fn prefetch(&self, g: usize, j: usize, hd: usize) {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
+        let row = self.row(g, j, hd).as_ptr();
+        for l in (0..hd).step_by(16) {
+            // SAFETY: a prefetch never faults; the address is in the row.
+            unsafe { _mm_prefetch::<_MM_HINT_T1>(row.wrapping_add(l).cast()) };
+        }
+    }
 }
+
 /// What one query row attends over: group `g`'s keys and values, and the score scale.
 #[derive(Clone, Copy)]
 struct Group<'a> {
@@ -48,18 +61,6 @@ struct Group<'a> {
 }
 
 impl Group<'_> {
-    /// Prefetches row `j` (`hd` values) of keys or values into L2.
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    fn prefetch(kv: &Kv<'_>, g: usize, j: usize, hd: usize) {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
-        let row = kv.row(g, j, hd).as_ptr();
-        for l in (0..hd).step_by(16) {
-            // SAFETY: a prefetch never faults; the address is in the row.
-            unsafe { _mm_prefetch::<_MM_HINT_T1>(row.wrapping_add(l).cast()) };
-        }
-    }
-
     #[inline(always)]
     fn key(&self, j: usize, hd: usize) -> &[f32] {
         self.k.row(self.g, j, hd)
@@ -471,8 +472,9 @@ unsafe fn batch<const MAX: usize>(
         t.end = t.ends[..t.n].iter().copied().max().unwrap_or(0);
         end = end.max(t.end);
     }
+    // The tiles of the batch take turns prefetching the next chunk.
+    let parts = tiles.len();
     for from in (0..end).step_by(chunk) {
-        let parts = tiles.len();
         for (part, (t, s)) in tiles.iter_mut().zip(s.chunks_mut(TILE)).enumerate() {
             let to = (from + chunk).min(t.end);
             let pf = Prefetch {
@@ -499,7 +501,6 @@ unsafe fn batch<const MAX: usize>(
         shared = shared.max(t.shared);
     }
     for from in (0..shared).step_by(chunk) {
-        let parts = tiles.len();
         for (part, (t, s)) in tiles.iter_mut().zip(s.chunks_mut(TILE)).enumerate() {
             let to = (from + chunk).min(t.shared);
             let mut pf = Prefetch {
@@ -581,9 +582,9 @@ unsafe fn scores<const R: usize>(
             for u in j0 + pf.ahead..j0 + pf.ahead + 8 {
                 // Past the keys, the stream goes on into the values.
                 if u < t.end {
-                    Group::prefetch(&grp.k, grp.g, u, hd);
+                    grp.k.prefetch(grp.g, u, hd);
                 } else if u - t.end < t.end {
-                    Group::prefetch(&grp.v, grp.g, u - t.end, hd);
+                    grp.v.prefetch(grp.g, u - t.end, hd);
                 }
             }
         }
@@ -747,7 +748,7 @@ unsafe fn values<const R: usize, const W: usize>(
         unsafe {
             let vr = v0.add(i * stride);
             if mine && from + i + pf.ahead < t.end {
-                Group::prefetch(&grp.v, grp.g, from + i + pf.ahead, hd);
+                grp.v.prefetch(grp.g, from + i + pf.ahead, hd);
             }
             let mut w = [_mm256_setzero_ps(); R];
             for r in 0..R {
@@ -1019,7 +1020,7 @@ mod tests {
         }
     }
 
-    /// A row among hidden keys gets the bits it gets with those keys absent.
+    /// `first_hidden` against `position`, for lengths around multiples of eight.
     #[test]
     fn first_hidden_finds_the_first() {
         for len in [0, 1, 7, 8, 9, 31, 517] {
@@ -1031,6 +1032,7 @@ mod tests {
         }
     }
 
+    /// A row among hidden keys gets the bits it gets with those keys absent.
     #[test]
     fn hidden_keys_change_nothing() {
         let mut rng = Rng(10);

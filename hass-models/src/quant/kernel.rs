@@ -52,9 +52,7 @@ struct QActs {
     t: Vec<f32>,
 }
 
-/// Quantises each row of `x [m, k]` to int8 blocks of 32: `d = max|x| / 127`,
-/// `q = round_ties_even(clamp(x · (1 / d), ±127))` (NaN to 0), `Σq` and `d · Σq`.
-/// With AVX-512 sixteen values at a time ([`quantize_block_avx512`], the same bits).
+/// [`quantize_into`] fresh buffers.
 #[cfg(test)]
 fn quantize_acts(x: &[f32], m: usize, k: usize) -> QActs {
     let mut a = QActs::default();
@@ -69,8 +67,11 @@ thread_local! {
     static ACTS: std::cell::RefCell<QActs> = std::cell::RefCell::default();
 }
 
-/// [`quantize_acts`] into `a`, whose buffers grow as needed and may stay longer
-/// than `m` rows (their tail is never read).
+/// Quantises each row of `x [m, k]` into `a`'s int8 blocks of 32: `d = max|x| / 127`,
+/// `q = round_ties_even(clamp(x · (1 / d), ±127))` (NaN to 0), `Σq` and `d · Σq`.
+/// With AVX-512 sixteen values at a time ([`quantize_block_avx512`], the same bits).
+/// `a`'s buffers grow as needed and may stay longer than `m` rows (their tail is never
+/// read).
 fn quantize_into(x: &[f32], m: usize, k: usize, a: &mut QActs) {
     let nb = k / BLOCK;
     a.nb = nb;
@@ -108,7 +109,7 @@ fn quantize_into(x: &[f32], m: usize, k: usize, a: &mut QActs) {
     }
 }
 
-/// One block of [`quantize_acts`]: its scale `d` and `Σq`.
+/// One block of [`quantize_into`]: its scale `d` and `Σq`.
 fn quantize_block(xb: &[f32; BLOCK], qb: &mut [i8; BLOCK]) -> (f32, i32) {
     let amax = xb.iter().fold(0f32, |acc, v| acc.max(v.abs()));
     let d = amax / 127.0;
