@@ -630,9 +630,11 @@ unsafe fn scores<const R: usize>(
 }
 
 /// Row `s`'s softmax weights: `exp(score − max)` of its visible keys before `end`,
-/// packed in order into `s.p` (their keys into `s.keys` when `hidden` is given), and
-/// `1 / Σ` with the sum in 8 lanes by visible ordinal. Keys `..lead` are all visible
-/// (their ordinal is their index: eight stored at once). Returns the count and `1 / Σ`.
+/// packed in order into `s.p`, and `1 / Σ` with the sum in 8 lanes by visible ordinal.
+/// Keys `..lead` are all visible, so their ordinal is their index: eight are stored
+/// and summed at once, and their indices are not written (readers take `i < lead` as
+/// key `i`); after `lead`, each visible key's index goes into `s.keys` (when `hidden`
+/// is given). Returns the count and `1 / Σ`.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn weights(
@@ -644,27 +646,25 @@ unsafe fn weights(
 ) -> (usize, f32) {
     use std::arch::x86_64::*;
     let Scratch { scores, p, keys } = s;
-    let mut n = 0;
+    let max = _mm256_set1_ps(max);
+    let mut lanes = _mm256_setzero_ps();
+    // Ordinals `..summed` are in `lanes` already; `..n` are stored.
+    let (mut n, mut summed) = (0, 0);
     for j0 in (0..end).step_by(8) {
         // SAFETY: `scores`, `p` and `keys` hold `len` rounded up to 8.
         unsafe {
-            let e = exp8(_mm256_sub_ps(
-                _mm256_loadu_ps(scores.as_ptr().add(j0)),
-                _mm256_set1_ps(max),
-            ));
+            let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(scores.as_ptr().add(j0)), max));
+            if j0 + 8 <= lead {
+                _mm256_storeu_ps(p.as_mut_ptr().add(j0), e);
+                lanes = _mm256_add_ps(lanes, e);
+                (n, summed) = (j0 + 8, j0 + 8);
+                continue;
+            }
             match hidden {
+                // The last eight of an unmasked row, past `end` in part.
                 None => {
                     _mm256_storeu_ps(p.as_mut_ptr().add(j0), e);
                     n = end;
-                }
-                Some(_) if j0 + 8 <= lead => {
-                    _mm256_storeu_ps(p.as_mut_ptr().add(j0), e);
-                    let idx = _mm256_add_epi32(
-                        _mm256_set1_epi32(j0 as i32),
-                        _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
-                    );
-                    _mm256_storeu_si256(keys.as_mut_ptr().add(j0).cast(), idx);
-                    n = j0 + 8;
                 }
                 Some(m) => {
                     let mut w = [0f32; 8];
@@ -679,8 +679,7 @@ unsafe fn weights(
             }
         }
     }
-    let mut lanes = _mm256_setzero_ps();
-    for j0 in (0..n).step_by(8) {
+    for j0 in (summed..n).step_by(8) {
         // Lanes past the last visible key add nothing.
         let live = _mm256_cmpgt_epi32(
             _mm256_set1_epi32((n - j0) as i32),
@@ -773,7 +772,7 @@ unsafe fn values<const R: usize, const W: usize>(
 
 /// Outputs `c..c + 8W` of row `r` of tile `t`: the sums over the shared keys (in its
 /// output, by [`values`]) go on alone over the rest of its visible keys (`key i` =
-/// `keys[i]` with a mask, else `i`), then are scaled by `1 / Σ`.
+/// `i` before the row's `lead`, else `keys[i]`), then are scaled by `1 / Σ`.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn rest<const W: usize>(grp: Group<'_>, t: &mut Tile<'_>, r: usize, s: &Scratch, c: usize) {
@@ -788,9 +787,9 @@ unsafe fn rest<const W: usize>(grp: Group<'_>, t: &mut Tile<'_>, r: usize, s: &S
             *acc = unsafe { _mm256_loadu_ps(o.add(8 * a)) };
         }
     }
-    let masked = row.hidden.is_some();
     for i in t.shared..t.count[r] {
-        let j = if masked { s.keys[i] as usize } else { i };
+        // Keys before `lead` are all visible: the ordinal is the key.
+        let j = if i < t.lead[r] { i } else { s.keys[i] as usize };
         let vr = grp.value(j, hd)[c..c + 8 * W].as_ptr();
         let w = _mm256_set1_ps(s.p[i]);
         for (a, acc) in acc.iter_mut().enumerate() {
