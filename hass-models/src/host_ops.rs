@@ -8,13 +8,43 @@
 //! Every output row depends on its own input row only, so results stay batch
 //! invariant.
 
+use std::ops::Range;
+
 use crate::exp::exp;
 #[cfg(target_arch = "x86_64")]
 use crate::exp::exp8;
+use crate::spin_pool::{OutPtr, Pool};
+
+/// Runs `f` over rows `0..rows` (`row_work` values each): two or more rows of enough
+/// work are split over the spin pool's threads (a verify step's or a prefill's rows,
+/// which one core otherwise read cold while the other waited; a 4-token forward of
+/// SmolLM2 took 0.04–0.08 ms less of ~5.5), one row stays on the caller.
+fn split_rows(rows: usize, row_work: usize, f: &(dyn Fn(Range<usize>) + Sync)) {
+    let pool = Pool::global();
+    let parts = pool.threads().min(rows);
+    if parts < 2 || rows * row_work < SPLIT_MIN_WORK {
+        return f(0..rows);
+    }
+    let per = rows.div_ceil(parts);
+    pool.run(parts, &|p| f(p * per..((p + 1) * per).min(rows)));
+}
+
+/// Values below which [`split_rows`] keeps the rows on the caller.
+const SPLIT_MIN_WORK: usize = 1024;
 
 /// `x / sqrt(mean(x²) + eps) · w` for each row of `x` (`d` values per row): the sum of
 /// squares as 8 lane sums folded pairwise, then `(x · r) · w`.
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let d = w.len();
+    let out = OutPtr(out.as_mut_ptr());
+    split_rows(x.len() / d.max(1), d, &|rows| {
+        // SAFETY: the parts' rows are disjoint, inside `out`.
+        let o = unsafe { out.rows(rows.clone(), d) };
+        rms_norm_rows(&x[rows.start * d..rows.end * d], w, eps, o)
+    })
+}
+
+fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let d = w.len();
     for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
         let mut lanes = [0f32; 8];
@@ -41,6 +71,15 @@ pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
 /// for `g ≥ 0`, `z / (1 + z)` below. Eight at a time with AVX2 and FMA, the same bits
 /// as [`silu_mul`] (libm's `expf` has no vector form and took most of this step).
 pub fn swiglu(gu: &[f32], n: usize, out: &mut [f32]) {
+    let out = OutPtr(out.as_mut_ptr());
+    split_rows(gu.len() / (2 * n).max(1), 2 * n, &|rows| {
+        // SAFETY: the parts' rows are disjoint, inside `out`.
+        let o = unsafe { out.rows(rows.clone(), n) };
+        swiglu_rows(&gu[rows.start * 2 * n..rows.end * 2 * n], n, o)
+    })
+}
+
+fn swiglu_rows(gu: &[f32], n: usize, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     let simd = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
     for (row, or) in gu.chunks_exact(2 * n).zip(out.chunks_exact_mut(n)) {
@@ -75,12 +114,22 @@ unsafe fn swiglu_avx2(gate: &[f32], up: &[f32], out: &mut [f32]) -> usize {
     use std::arch::x86_64::*;
     let n = out.len() / 8 * 8;
     let (sign, one) = (_mm256_set1_ps(-0.0), _mm256_set1_ps(1.0));
+    // Two passes, `exp` into `out` and then the rest: shorter chains of dependent
+    // operations per iteration keep more iterations in flight (one row of 1,536 took
+    // 0.94 µs instead of 1.13 in one loop, four rows 3.3 µs instead of 3.9).
+    for i in (0..n).step_by(8) {
+        // SAFETY: i + 8 <= n <= every slice's length.
+        unsafe {
+            let g = _mm256_loadu_ps(gate.as_ptr().add(i));
+            _mm256_storeu_ps(out.as_mut_ptr().add(i), exp8(_mm256_or_ps(g, sign)));
+        }
+    }
     for i in (0..n).step_by(8) {
         // SAFETY: i + 8 <= n <= every slice's length.
         unsafe {
             let g = _mm256_loadu_ps(gate.as_ptr().add(i));
             let u = _mm256_loadu_ps(up.as_ptr().add(i));
-            let z = exp8(_mm256_or_ps(g, sign));
+            let z = _mm256_loadu_ps(out.as_ptr().add(i));
             let pos = _mm256_cmp_ps::<_CMP_GE_OQ>(g, _mm256_setzero_ps());
             let s = _mm256_div_ps(_mm256_blendv_ps(z, one, pos), _mm256_add_ps(one, z));
             _mm256_storeu_ps(
@@ -142,6 +191,35 @@ pub fn merge_heads(x: &[f32], heads: usize, hd: usize, out: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_rng::Rng;
+
+    /// Rows split over the threads (enough of them to be split) get the bits each row
+    /// gets alone.
+    #[test]
+    fn split_rows_change_no_bits() {
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        let mut rng = Rng(5);
+        let (rows, d, n) = (7, 576, 600);
+        let (x, w, gu) = (rng.vec(rows * d), rng.vec(d), rng.vec(rows * 2 * n));
+        let (mut norms, mut silus) = (vec![0f32; rows * d], vec![0f32; rows * n]);
+        rms_norm(&x, &w, 1e-5, &mut norms);
+        swiglu(&gu, n, &mut silus);
+        for r in 0..rows {
+            let (mut norm, mut silu) = (vec![0f32; d], vec![0f32; n]);
+            rms_norm(&x[r * d..(r + 1) * d], &w, 1e-5, &mut norm);
+            swiglu(&gu[r * 2 * n..(r + 1) * 2 * n], n, &mut silu);
+            assert_eq!(
+                bits(&norm),
+                bits(&norms[r * d..(r + 1) * d]),
+                "norm row {r}"
+            );
+            assert_eq!(
+                bits(&silu),
+                bits(&silus[r * n..(r + 1) * n]),
+                "swiglu row {r}"
+            );
+        }
+    }
 
     /// Each SwiGLU output against f64 (within 4e-7 relative plus a 1e-30 floor: the
     /// polynomial exp and four roundings), and the same bits in vector bodies and

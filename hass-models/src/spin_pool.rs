@@ -10,6 +10,7 @@
 //! under a microsecond.
 
 use std::cell::UnsafeCell;
+use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock, TryLockError};
 use std::thread::{self, Thread};
@@ -57,6 +58,17 @@ impl OutPtr {
     /// The pointer (a method, so closures capture the `Sync` wrapper, not the field).
     pub fn get(self) -> *mut f32 {
         self.0
+    }
+
+    /// Rows `rows` of `width` values as a slice.
+    ///
+    /// # Safety
+    /// The rows are inside the buffer, and no other live slice overlaps them.
+    pub unsafe fn rows<'a>(self, rows: Range<usize>, width: usize) -> &'a mut [f32] {
+        // SAFETY: the caller's.
+        unsafe {
+            std::slice::from_raw_parts_mut(self.0.add(rows.start * width), rows.len() * width)
+        }
     }
 }
 
