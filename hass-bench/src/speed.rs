@@ -8,7 +8,7 @@ use hass_infer::{GenerationConfig, VanillaGenerator};
 use hass_models::Llama;
 use serde::Serialize;
 
-use crate::machine::{copy_bandwidth, peak_rss_bytes};
+use crate::machine::{copy_bandwidth, core_round_trip_ns, peak_rss_bytes};
 
 /// What the benchmark measures.
 #[derive(Debug, Clone)]
@@ -55,6 +55,9 @@ pub struct SpeedReport {
     pub roofline_tokens_per_s: f64,
     pub roofline_fraction: f64,
     pub verify: Vec<VerifyPoint>,
+    /// Core-to-core round trip of a cache line just before and just after the verify
+    /// curve ([`core_round_trip_ns`]), when measurable.
+    pub core_round_trip_ns: [Option<f64>; 2],
 }
 
 /// Runs the benchmark on a loaded model (`load_s` is measured by the caller).
@@ -84,7 +87,9 @@ pub fn run_speed<B: HassBackend>(
     )?;
     let out = gen.generate(&prompt, &cfg, |_| true)?;
 
+    let before = core_round_trip_ns();
     let curve = verify_curve(model, &prompt, &opts.verify_sizes, opts.repeats)?;
+    let core_round_trip_ns = [before, core_round_trip_ns()];
     let base = curve.first().map_or(1.0, |p| p.1);
     let verify = curve
         .into_iter()
@@ -113,6 +118,7 @@ pub fn run_speed<B: HassBackend>(
         roofline_tokens_per_s: roofline,
         roofline_fraction: decode / roofline,
         verify,
+        core_round_trip_ns,
     })
 }
 
@@ -146,6 +152,13 @@ impl SpeedReport {
             s += &format!(
                 "| {} | {:.2} | {:.2} |\n",
                 p.new_tokens, p.median_ms, p.ratio_to_one
+            );
+        }
+        if let [Some(before), Some(after)] = self.core_round_trip_ns {
+            s += &format!(
+                "\nCore-to-core round trip of a cache line: {before:.0} ns before the verify \
+                 forwards, {after:.0} ns after (multi-row forwards pass more data between the \
+                 cores: their ratios grow when this does).\n"
             );
         }
         s

@@ -20,6 +20,11 @@ fn speed_report_is_complete_and_consistent() {
     assert_eq!((r.prefill_tokens, r.decode_tokens), (32, 8));
     assert!(r.prefill_tokens_per_s > 0.0 && r.decode_tokens_per_s > 0.0);
     assert!(r.copy_bandwidth_gb_s > 0.0 && r.roofline_tokens_per_s > 0.0);
+    if std::thread::available_parallelism().map_or(1, |n| n.get()) >= 2 {
+        for t in r.core_round_trip_ns {
+            assert!(t.is_some_and(|ns| ns > 0.0 && ns < 1e6), "round trip {t:?}");
+        }
+    }
     assert_eq!(
         r.verify.iter().map(|p| p.new_tokens).collect::<Vec<_>>(),
         vec![1, 4]
