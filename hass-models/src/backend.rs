@@ -20,7 +20,7 @@ use burn::tensor::{DType, TensorPrimitive};
 use crate::attention;
 use crate::host_ops;
 use crate::large_m;
-use crate::quant::{qmatmul_uninit, QMatrix};
+use crate::quant::{qmatmul_swiglu_uninit, qmatmul_uninit, QMatrix};
 use crate::small_m::{self, Weights};
 
 #[cfg(feature = "cuda")]
@@ -103,6 +103,12 @@ pub trait HassBackend: Backend {
             &x.device(),
         );
         x.matmul(dense.transpose())
+    }
+
+    /// [`HassBackend::swiglu`] of [`HassBackend::project_quant`]`(x, w)`, for `w` holding
+    /// the gate rows then the up rows: a backend may fuse the two.
+    fn project_quant_swiglu(x: Tensor<Self, 2>, w: &QMatrix) -> Tensor<Self, 2> {
+        Self::swiglu(Self::project_quant(x, w))
     }
 }
 
@@ -376,6 +382,24 @@ impl HassBackend for Flex {
         unsafe {
             on_host_uninit(x.cast(DType::F32), w.rows(), |xs, out| {
                 qmatmul_uninit(xs, m, w, out)
+            })
+        }
+    }
+
+    /// Each thread applies SwiGLU to the gate and up columns it computed
+    /// ([`qmatmul_swiglu_uninit`]).
+    fn project_quant_swiglu(x: Tensor<Self, 2>, w: &QMatrix) -> Tensor<Self, 2> {
+        let [m, k] = x.dims();
+        assert_eq!(
+            k,
+            w.cols(),
+            "{k} activation columns for {} weight columns",
+            w.cols()
+        );
+        // SAFETY: `qmatmul_swiglu_uninit` writes every output value.
+        unsafe {
+            on_host_uninit(x.cast(DType::F32), w.rows() / 2, |xs, out| {
+                qmatmul_swiglu_uninit(xs, m, w, out)
             })
         }
     }

@@ -15,10 +15,11 @@ use crate::exp::exp;
 use crate::exp::exp8;
 use crate::spin_pool::{OutPtr, Pool};
 
-/// Runs `f` over rows `0..rows` (`row_work` values each): two or more rows of enough
-/// work are split over the spin pool's threads (a verify step's or a prefill's rows,
-/// which one core otherwise read cold while the other waited; a 4-token forward of
-/// SmolLM2 took 0.04–0.08 ms less of ~5.5), one row stays on the caller.
+/// Runs `f` over rows `0..rows` (`row_work` values each): many rows (a prefill's)
+/// are split over the spin pool's threads, a few stay on the caller. A 4-token
+/// verify's RMS norms split over the cores made its forward 0.1–0.3 ms slower when
+/// the VM's two vCPUs sat on distant cores (the rows went to the other core and came
+/// back, for a few microseconds of work), and no faster otherwise.
 fn split_rows(rows: usize, row_work: usize, f: &(dyn Fn(Range<usize>) + Sync)) {
     let pool = Pool::global();
     let parts = pool.threads().min(rows);
@@ -29,8 +30,9 @@ fn split_rows(rows: usize, row_work: usize, f: &(dyn Fn(Range<usize>) + Sync)) {
     pool.run(parts, &|p| f(p * per..((p + 1) * per).min(rows)));
 }
 
-/// Values below which [`split_rows`] keeps the rows on the caller.
-const SPLIT_MIN_WORK: usize = 1024;
+/// Values below which [`split_rows`] keeps the rows on the caller (SmolLM2: 114
+/// rows of its RMS norms).
+const SPLIT_MIN_WORK: usize = 1 << 16;
 
 /// `x / sqrt(mean(x²) + eps) · w` for each row of `x` (`d` values per row): the sum of
 /// squares as 8 lane sums folded pairwise, then `(x · r) · w`.
@@ -79,7 +81,8 @@ pub fn swiglu(gu: &[f32], n: usize, out: &mut [f32]) {
     })
 }
 
-fn swiglu_rows(gu: &[f32], n: usize, out: &mut [f32]) {
+/// [`swiglu`] on the calling thread.
+pub(crate) fn swiglu_rows(gu: &[f32], n: usize, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     let simd = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
     for (row, or) in gu.chunks_exact(2 * n).zip(out.chunks_exact_mut(n)) {
@@ -199,7 +202,7 @@ mod tests {
     fn split_rows_change_no_bits() {
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         let mut rng = Rng(5);
-        let (rows, d, n) = (7, 576, 600);
+        let (rows, d, n) = (130, 576, 600);
         let (x, w, gu) = (rng.vec(rows * d), rng.vec(d), rng.vec(rows * 2 * n));
         let (mut norms, mut silus) = (vec![0f32; rows * d], vec![0f32; rows * n]);
         rms_norm(&x, &w, 1e-5, &mut norms);

@@ -289,6 +289,6 @@ impl<B: HassBackend> DecoderLayer<B> {
             .reshape([1, nh, t, hd]);
         let x = x + self.wo.forward(B::merge_heads(attn));
         let h = B::rms_norm(x.clone(), &self.mlp_norm, c.rms_norm_eps);
-        x + self.w_down.forward(B::swiglu(self.w_gate_up.forward(h)))
+        x + self.w_down.forward(self.w_gate_up.forward_swiglu(h))
     }
 }

@@ -25,6 +25,14 @@ impl<B: HassBackend> Linear<B> {
         }
     }
 
+    /// SwiGLU of `x · W` for `W` holding the gate outputs then the up outputs.
+    pub fn forward_swiglu(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        match self {
+            Linear::Dense(w) => B::swiglu(B::project(x, w)),
+            Linear::Quant(w) => B::project_quant_swiglu(x, w),
+        }
+    }
+
     /// Bytes one product reads.
     pub fn bytes(&self) -> usize {
         match self {

@@ -184,15 +184,7 @@ pub fn qmatmul_uninit(x: &[f32], m: usize, w: &QMatrix, out: &mut [MaybeUninit<f
     }
     let (out, isa) = (OutPtr(out.as_mut_ptr().cast()), Isa::detect());
     let groups = w.groups();
-    let pool = Pool::global();
-    let parts = if m * k * n < PAR_MIN_WORK {
-        1
-    } else {
-        rayon::current_num_threads()
-            .min(pool.threads())
-            .min(groups)
-            .max(1)
-    };
+    let parts = parts(m * k * n, groups);
     let per = groups.div_ceil(parts);
     // Every part quantises the activations itself, into its thread's buffers: the
     // threads do it at the same time, and no core reads int8 rows that the other has
@@ -206,15 +198,113 @@ pub fn qmatmul_uninit(x: &[f32], m: usize, w: &QMatrix, out: &mut [MaybeUninit<f
                 acts,
                 m,
                 out,
+                stride: n,
+                shift: 0,
                 isa,
             };
             job.groups(p * per, ((p + 1) * per).min(groups))
         })
     };
+    run_parts(parts, &part);
+}
+
+/// How many threads share a product of `work` multiply-adds over `units` units.
+fn parts(work: usize, units: usize) -> usize {
+    if work < PAR_MIN_WORK {
+        1
+    } else {
+        rayon::current_num_threads()
+            .min(Pool::global().threads())
+            .min(units)
+            .max(1)
+    }
+}
+
+/// `part(0..parts)`, on the spin pool's threads when there are several.
+fn run_parts(parts: usize, part: &(dyn Fn(usize) + Sync)) {
     match parts {
         1 => part(0),
-        _ => pool.run(parts, &part),
+        _ => Pool::global().run(parts, part),
     }
+}
+
+thread_local! {
+    /// Each thread's gate and up columns of [`qmatmul_swiglu_uninit`], reused.
+    static GATE_UP: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `silu(x · Gᵀ) · (x · Uᵀ)` for `w` holding the gate rows `G` then the up rows `U`
+/// (`2n` rows): `out [m, n]`, every element written, the bits of [`qmatmul`] then
+/// [`host_ops::swiglu`](crate::host_ops::swiglu). Each thread computes the gate and up
+/// columns of its own outputs and applies SwiGLU to them, so the `[m, 2n]` product
+/// never crosses between the cores (a separate SwiGLU read half of every row from the
+/// core that had computed it) and takes no pass of its own. With `n` not a multiple
+/// of 16 (a group holding gate and up rows) it is that product and SwiGLU.
+pub fn qmatmul_swiglu_uninit(x: &[f32], m: usize, w: &QMatrix, out: &mut [MaybeUninit<f32>]) {
+    let (k, n) = (w.cols, w.rows / 2);
+    assert!(w.rows.is_multiple_of(2), "gate and up rows: an even count");
+    assert_eq!(Some(x.len()), m.checked_mul(k), "x must hold m*k values");
+    assert_eq!(
+        Some(out.len()),
+        m.checked_mul(n),
+        "out must hold m*n values"
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    if !n.is_multiple_of(LANES) {
+        let mut gu = vec![0f32; m * 2 * n];
+        qmatmul(x, m, w, &mut gu);
+        let mut silu = vec![0f32; m * n];
+        crate::host_ops::swiglu(&gu, n, &mut silu);
+        out.iter_mut().zip(silu).for_each(|(o, v)| {
+            o.write(v);
+        });
+        return;
+    }
+    let (out, isa) = (OutPtr(out.as_mut_ptr().cast()), Isa::detect());
+    // Pair `g`: gate group `g` and up group `pairs + g`, output columns `16g..16g + 16`.
+    let pairs = n / LANES;
+    let parts = parts(m * k * 2 * n, pairs);
+    let per = pairs.div_ceil(parts);
+    let part = |p: usize| {
+        let (g0, g1) = (p * per, ((p + 1) * per).min(pairs));
+        let width = g1.saturating_sub(g0) * LANES;
+        if width == 0 {
+            return;
+        }
+        GATE_UP.with_borrow_mut(|gu| {
+            if gu.len() < m * 2 * width {
+                gu.resize(m * 2 * width, 0.0);
+            }
+            let scratch = OutPtr(gu.as_mut_ptr());
+            ACTS.with_borrow_mut(|acts| {
+                quantize_into(x, m, k, acts);
+                // Rows of `[gate | up]` for this part's columns: the gate columns
+                // `16 g0..` go to 0.., the up columns `n + 16 g0..` to `width..`.
+                let job = |shift| Job {
+                    w,
+                    acts,
+                    m,
+                    out: scratch,
+                    stride: 2 * width,
+                    shift,
+                    isa,
+                };
+                job(g0 * LANES).groups(g0, g1);
+                job(n + g0 * LANES - width).groups(pairs + g0, pairs + g1);
+            });
+            for (r, row) in gu.chunks_exact(2 * width).take(m).enumerate() {
+                // SAFETY: row `r`'s columns `16 g0..16 g1` are inside `out` and this
+                // part's alone.
+                let o = unsafe {
+                    std::slice::from_raw_parts_mut(out.get().add(r * n + g0 * LANES), width)
+                };
+                crate::host_ops::swiglu_rows(row, width, o);
+            }
+        })
+    };
+    run_parts(parts, &part);
 }
 
 /// The instruction sets with a kernel.
@@ -254,7 +344,10 @@ struct Job<'a> {
     w: &'a QMatrix,
     acts: &'a QActs,
     m: usize,
+    /// Output `(i, j)` goes to `out[i · stride + j − shift]`.
     out: OutPtr,
+    stride: usize,
+    shift: usize,
     isa: Isa,
 }
 
@@ -376,11 +469,11 @@ trait Tile {
 /// `MR`-row tiles and one tile of the rows left (1..3).
 #[inline(always)]
 unsafe fn span<T: Tile, K: Kind>(job: &Job<'_>, s: Span<'_>) {
-    let (m, n, a) = (job.m, job.w.rows, job.acts);
+    let (m, n, a) = (job.m, job.stride, job.acts);
     for c0 in (0..m).step_by(MC) {
         let c1 = (c0 + MC).min(m);
         for g in s.g0..s.g1 {
-            let j0 = s.col0 + g * LANES;
+            let j0 = s.col0 + g * LANES - job.shift;
             let width = LANES.min(s.p.rows - g * LANES);
             let put = |r0: usize, v: &[[f32; LANES]]| {
                 for (r, v) in v.iter().enumerate() {
@@ -685,6 +778,8 @@ mod tests {
             acts: &acts,
             m,
             out: OutPtr(out.as_mut_ptr()),
+            stride: w.rows,
+            shift: 0,
             isa,
         };
         job.groups(0, w.groups());
@@ -751,6 +846,39 @@ mod tests {
                     bits(&alone),
                     "{ty} m={m}"
                 );
+            }
+        }
+    }
+
+    /// The fused SwiGLU product gives the product's bits passed through
+    /// `host_ops::swiglu`: each type, a gate and up of different types, row counts
+    /// across tiles, chunks and threads, and a width that is not a multiple of 16.
+    #[test]
+    fn swiglu_product_is_product_then_swiglu() {
+        let mut rng = Rng(6);
+        let pairs = [
+            (QType::Q4_1, QType::Q4_1),
+            (QType::Q8_0, QType::Q8_0),
+            (QType::Q4_0, QType::Q4_0),
+            (QType::Q4_1, QType::Q8_0),
+        ];
+        for (gate, up) in pairs {
+            for (n, k) in [(48, 64), (40, 96), (192, 576)] {
+                let w = QMatrix::stack(vec![
+                    QMatrix::quantize(gate, &rng.vec(n * k), n, k).unwrap(),
+                    QMatrix::quantize(up, &rng.vec(n * k), n, k).unwrap(),
+                ])
+                .unwrap();
+                for m in [1, 4, 5, 70] {
+                    let x = rng.vec(m * k);
+                    let mut want = vec![0f32; m * n];
+                    crate::host_ops::swiglu(&run(&x, m, &w), n, &mut want);
+                    let mut got = vec![MaybeUninit::new(f32::NAN); m * n];
+                    qmatmul_swiglu_uninit(&x, m, &w, &mut got);
+                    // SAFETY: initialised above (and overwritten).
+                    let got: Vec<f32> = got.iter().map(|v| unsafe { v.assume_init() }).collect();
+                    assert_eq!(bits(&got), bits(&want), "{gate}/{up} n={n} k={k} m={m}");
+                }
             }
         }
     }

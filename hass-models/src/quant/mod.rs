@@ -16,7 +16,7 @@ use hass_core::{HassError, Result};
 use crate::gguf::{dequantize_raw, GgmlType};
 use panel::Panels;
 
-pub use kernel::{qmatmul, qmatmul_uninit};
+pub use kernel::{qmatmul, qmatmul_swiglu_uninit, qmatmul_uninit};
 
 /// Weights per block, for every type here.
 pub const BLOCK: usize = 32;
