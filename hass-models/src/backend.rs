@@ -163,7 +163,7 @@ fn matmul<B: Backend>(x: Tensor<B, 2>, w: &Tensor<B, 2>) -> Tensor<B, 2> {
 /// Revision of the CPU kernels and their threading: part of the key of anything cached
 /// from timings (the tree tuner's cost profiles), so an engine whose costs changed
 /// measures again. Bump it with every change that moves a decode or verify cost.
-pub const COST_REVISION: u32 = 9;
+pub const COST_REVISION: u32 = 10;
 
 /// Products with at most this many rows use [`small_m`] on the CPU. Tree verification
 /// stays below it, so decode steps and verifications share one kernel — whose rows do
