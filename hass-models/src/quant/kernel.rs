@@ -229,8 +229,26 @@ fn run_parts(parts: usize, part: &(dyn Fn(usize) + Sync)) {
 }
 
 thread_local! {
-    /// Each thread's gate and up columns of [`qmatmul_swiglu_uninit`], reused.
-    static GATE_UP: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Each thread's gate and up columns of [`qmatmul_swiglu_uninit`] and a row of
+    /// their SwiGLU, reused.
+    static GATE_UP: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = const {
+        std::cell::RefCell::new((Vec::new(), Vec::new()))
+    };
+}
+
+/// An output buffer not yet written, shared by the parts of a job (each writes its
+/// own elements).
+#[derive(Clone, Copy)]
+struct Uninit(*mut MaybeUninit<f32>);
+// SAFETY: parts write disjoint elements, and the buffer outlives the job.
+unsafe impl Send for Uninit {}
+unsafe impl Sync for Uninit {}
+
+impl Uninit {
+    /// The pointer (a method, so closures capture the `Sync` wrapper, not the field).
+    fn get(self) -> *mut MaybeUninit<f32> {
+        self.0
+    }
 }
 
 /// `silu(x · Gᵀ) · (x · Uᵀ)` for `w` holding the gate rows `G` then the up rows `U`
@@ -262,7 +280,7 @@ pub fn qmatmul_swiglu_uninit(x: &[f32], m: usize, w: &QMatrix, out: &mut [MaybeU
         });
         return;
     }
-    let (out, isa) = (OutPtr(out.as_mut_ptr().cast()), Isa::detect());
+    let (out, isa) = (Uninit(out.as_mut_ptr()), Isa::detect());
     // Pair `g`: gate group `g` and up group `pairs + g`, output columns `16g..16g + 16`.
     let pairs = n / LANES;
     let parts = parts(m * k * 2 * n, pairs);
@@ -273,10 +291,11 @@ pub fn qmatmul_swiglu_uninit(x: &[f32], m: usize, w: &QMatrix, out: &mut [MaybeU
         if width == 0 {
             return;
         }
-        GATE_UP.with_borrow_mut(|gu| {
+        GATE_UP.with_borrow_mut(|(gu, silu)| {
             if gu.len() < m * 2 * width {
                 gu.resize(m * 2 * width, 0.0);
             }
+            silu.resize(width, 0.0);
             let scratch = OutPtr(gu.as_mut_ptr());
             ACTS.with_borrow_mut(|acts| {
                 quantize_into(x, m, k, acts);
@@ -295,12 +314,15 @@ pub fn qmatmul_swiglu_uninit(x: &[f32], m: usize, w: &QMatrix, out: &mut [MaybeU
                 job(n + g0 * LANES - width).groups(pairs + g0, pairs + g1);
             });
             for (r, row) in gu.chunks_exact(2 * width).take(m).enumerate() {
+                crate::host_ops::swiglu_rows(row, width, silu);
                 // SAFETY: row `r`'s columns `16 g0..16 g1` are inside `out` and this
                 // part's alone.
                 let o = unsafe {
                     std::slice::from_raw_parts_mut(out.get().add(r * n + g0 * LANES), width)
                 };
-                crate::host_ops::swiglu_rows(row, width, o);
+                o.iter_mut().zip(silu.iter()).for_each(|(o, &v)| {
+                    o.write(v);
+                });
             }
         })
     };
