@@ -371,37 +371,13 @@ impl HassBackend for Flex {
     const HOST_MEMORY: bool = true;
 
     fn project_quant(x: Tensor<Self, 2>, w: &QMatrix) -> Tensor<Self, 2> {
-        let [m, k] = x.dims();
-        assert_eq!(
-            k,
-            w.cols(),
-            "{k} activation columns for {} weight columns",
-            w.cols()
-        );
-        // SAFETY: `qmatmul_uninit` writes every output value.
-        unsafe {
-            on_host_uninit(x.cast(DType::F32), w.rows(), |xs, out| {
-                qmatmul_uninit(xs, m, w, out)
-            })
-        }
+        quant_on_host(x, w, w.rows(), qmatmul_uninit)
     }
 
     /// Each thread applies SwiGLU to the gate and up columns it computed
     /// ([`qmatmul_swiglu_uninit`]).
     fn project_quant_swiglu(x: Tensor<Self, 2>, w: &QMatrix) -> Tensor<Self, 2> {
-        let [m, k] = x.dims();
-        assert_eq!(
-            k,
-            w.cols(),
-            "{k} activation columns for {} weight columns",
-            w.cols()
-        );
-        // SAFETY: `qmatmul_swiglu_uninit` writes every output value.
-        unsafe {
-            on_host_uninit(x.cast(DType::F32), w.rows() / 2, |xs, out| {
-                qmatmul_swiglu_uninit(xs, m, w, out)
-            })
-        }
+        quant_on_host(x, w, w.rows() / 2, qmatmul_swiglu_uninit)
     }
 }
 
@@ -469,6 +445,25 @@ unsafe fn on_host_uninit(
     // SAFETY: the caller's `product` wrote all `m · n` values.
     unsafe { out.set_len(m * n) };
     host_tensor(out, [m, n], &device)
+}
+
+/// `[m, n]` from a quantized product `kernel(x, m, w, out)` that writes every value of
+/// `out`.
+fn quant_on_host(
+    x: Tensor<Flex, 2>,
+    w: &QMatrix,
+    n: usize,
+    kernel: fn(&[f32], usize, &QMatrix, &mut [MaybeUninit<f32>]),
+) -> Tensor<Flex, 2> {
+    let [m, k] = x.dims();
+    assert_eq!(
+        k,
+        w.cols(),
+        "{k} activation columns for {} weight columns",
+        w.cols()
+    );
+    // SAFETY: the kernels write every output value.
+    unsafe { on_host_uninit(x.cast(DType::F32), n, |xs, out| kernel(xs, m, w, out)) }
 }
 
 /// The first `n` values of a contiguous f32 primitive.

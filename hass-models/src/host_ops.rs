@@ -8,26 +8,38 @@
 //! Every output row depends on its own input row only, so results stay batch
 //! invariant.
 
-use std::ops::Range;
-
 use crate::exp::exp;
 #[cfg(target_arch = "x86_64")]
 use crate::exp::exp8;
 use crate::spin_pool::{OutPtr, Pool};
 
-/// Runs `f` over rows `0..rows` (`row_work` values each): many rows (a prefill's)
-/// are split over the spin pool's threads, a few stay on the caller. A 4-token
-/// verify's RMS norms split over the cores made its forward 0.1–0.3 ms slower when
-/// the VM's two vCPUs sat on distant cores (the rows went to the other core and came
-/// back, for a few microseconds of work), and no faster otherwise.
-fn split_rows(rows: usize, row_work: usize, f: &(dyn Fn(Range<usize>) + Sync)) {
+/// `f(x rows, out rows)` over rows of `x` (`x_width` values each) and `out`
+/// (`out_width`): many rows (a prefill's) are split over the spin pool's threads, a few
+/// stay on the caller. A 4-token verify's RMS norms split over the cores made its
+/// forward 0.1–0.3 ms slower when the VM's two vCPUs sat on distant cores (the rows
+/// went to the other core and came back, for a few microseconds of work), and no
+/// faster otherwise.
+fn split_rows(
+    x: &[f32],
+    x_width: usize,
+    out: &mut [f32],
+    out_width: usize,
+    f: &(dyn Fn(&[f32], &mut [f32]) + Sync),
+) {
+    let rows = x.len() / x_width.max(1);
     let pool = Pool::global();
     let parts = pool.threads().min(rows);
-    if parts < 2 || rows * row_work < SPLIT_MIN_WORK {
-        return f(0..rows);
+    if parts < 2 || x.len() < SPLIT_MIN_WORK {
+        return f(x, out);
     }
     let per = rows.div_ceil(parts);
-    pool.run(parts, &|p| f(p * per..((p + 1) * per).min(rows)));
+    let o = OutPtr(out.as_mut_ptr());
+    pool.run(parts, &|p| {
+        let rows = p * per..((p + 1) * per).min(rows);
+        let xs = &x[rows.start * x_width..rows.end * x_width];
+        // SAFETY: the parts' rows are disjoint, inside `out`.
+        f(xs, unsafe { o.rows(rows, out_width) })
+    });
 }
 
 /// Values below which [`split_rows`] keeps the rows on the caller (SmolLM2: 114
@@ -38,12 +50,7 @@ const SPLIT_MIN_WORK: usize = 1 << 16;
 /// squares as 8 lane sums folded pairwise, then `(x · r) · w`.
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let d = w.len();
-    let out = OutPtr(out.as_mut_ptr());
-    split_rows(x.len() / d.max(1), d, &|rows| {
-        // SAFETY: the parts' rows are disjoint, inside `out`.
-        let o = unsafe { out.rows(rows.clone(), d) };
-        rms_norm_rows(&x[rows.start * d..rows.end * d], w, eps, o)
-    })
+    split_rows(x, d, out, d, &|x, out| rms_norm_rows(x, w, eps, out))
 }
 
 fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
@@ -73,12 +80,7 @@ fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
 /// for `g ≥ 0`, `z / (1 + z)` below. Eight at a time with AVX2 and FMA, the same bits
 /// as [`silu_mul`] (libm's `expf` has no vector form and took most of this step).
 pub fn swiglu(gu: &[f32], n: usize, out: &mut [f32]) {
-    let out = OutPtr(out.as_mut_ptr());
-    split_rows(gu.len() / (2 * n).max(1), 2 * n, &|rows| {
-        // SAFETY: the parts' rows are disjoint, inside `out`.
-        let o = unsafe { out.rows(rows.clone(), n) };
-        swiglu_rows(&gu[rows.start * 2 * n..rows.end * 2 * n], n, o)
-    })
+    split_rows(gu, 2 * n, out, n, &|gu, out| swiglu_rows(gu, n, out))
 }
 
 /// [`swiglu`] on the calling thread.

@@ -173,12 +173,7 @@ pub fn qmatmul(x: &[f32], m: usize, w: &QMatrix, out: &mut [f32]) {
 /// is written.
 pub fn qmatmul_uninit(x: &[f32], m: usize, w: &QMatrix, out: &mut [MaybeUninit<f32>]) {
     let (n, k) = (w.rows, w.cols);
-    assert_eq!(Some(x.len()), m.checked_mul(k), "x must hold m*k values");
-    assert_eq!(
-        Some(out.len()),
-        m.checked_mul(n),
-        "out must hold m*n values"
-    );
+    check_shapes(x, m, k, out.len(), n);
     if m == 0 || n == 0 {
         return;
     }
@@ -206,6 +201,12 @@ pub fn qmatmul_uninit(x: &[f32], m: usize, w: &QMatrix, out: &mut [MaybeUninit<f
         })
     };
     run_parts(parts, &part);
+}
+
+/// Panics (assert!) unless `x` holds `m × k` values and the output `m × n`.
+fn check_shapes(x: &[f32], m: usize, k: usize, out_len: usize, n: usize) {
+    assert_eq!(Some(x.len()), m.checked_mul(k), "x must hold m*k values");
+    assert_eq!(Some(out_len), m.checked_mul(n), "out must hold m*n values");
 }
 
 /// How many threads share a product of `work` multiply-adds over `units` units.
@@ -236,21 +237,6 @@ thread_local! {
     };
 }
 
-/// An output buffer not yet written, shared by the parts of a job (each writes its
-/// own elements).
-#[derive(Clone, Copy)]
-struct Uninit(*mut MaybeUninit<f32>);
-// SAFETY: parts write disjoint elements, and the buffer outlives the job.
-unsafe impl Send for Uninit {}
-unsafe impl Sync for Uninit {}
-
-impl Uninit {
-    /// The pointer (a method, so closures capture the `Sync` wrapper, not the field).
-    fn get(self) -> *mut MaybeUninit<f32> {
-        self.0
-    }
-}
-
 /// `silu(x · Gᵀ) · (x · Uᵀ)` for `w` holding the gate rows `G` then the up rows `U`
 /// (`2n` rows): `out [m, n]`, every element written, the bits of [`qmatmul`] then
 /// [`host_ops::swiglu`](crate::host_ops::swiglu). Each thread computes the gate and up
@@ -261,12 +247,7 @@ impl Uninit {
 pub fn qmatmul_swiglu_uninit(x: &[f32], m: usize, w: &QMatrix, out: &mut [MaybeUninit<f32>]) {
     let (k, n) = (w.cols, w.rows / 2);
     assert!(w.rows.is_multiple_of(2), "gate and up rows: an even count");
-    assert_eq!(Some(x.len()), m.checked_mul(k), "x must hold m*k values");
-    assert_eq!(
-        Some(out.len()),
-        m.checked_mul(n),
-        "out must hold m*n values"
-    );
+    check_shapes(x, m, k, out.len(), n);
     if m == 0 || n == 0 {
         return;
     }
@@ -280,7 +261,7 @@ pub fn qmatmul_swiglu_uninit(x: &[f32], m: usize, w: &QMatrix, out: &mut [MaybeU
         });
         return;
     }
-    let (out, isa) = (Uninit(out.as_mut_ptr()), Isa::detect());
+    let (out, isa) = (OutPtr(out.as_mut_ptr().cast()), Isa::detect());
     // Pair `g`: gate group `g` and up group `pairs + g`, output columns `16g..16g + 16`.
     let pairs = n / LANES;
     let parts = parts(m * k * 2 * n, pairs);
@@ -316,13 +297,14 @@ pub fn qmatmul_swiglu_uninit(x: &[f32], m: usize, w: &QMatrix, out: &mut [MaybeU
             for (r, row) in gu.chunks_exact(2 * width).take(m).enumerate() {
                 crate::host_ops::swiglu_rows(row, width, silu);
                 // SAFETY: row `r`'s columns `16 g0..16 g1` are inside `out` and this
-                // part's alone.
-                let o = unsafe {
-                    std::slice::from_raw_parts_mut(out.get().add(r * n + g0 * LANES), width)
+                // part's alone; a raw copy (`out` is not yet initialised).
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        silu.as_ptr(),
+                        out.get().add(r * n + g0 * LANES),
+                        width,
+                    )
                 };
-                o.iter_mut().zip(silu.iter()).for_each(|(o, &v)| {
-                    o.write(v);
-                });
             }
         })
     };
